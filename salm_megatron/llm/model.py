@@ -1,0 +1,108 @@
+"""Build Llama-family decoders (Llama 2/3, Mistral, Qwen2) on Megatron-Core's ``GPTModel``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..config import LLMConfig, ParallelConfig
+from .specs import decoder_spec, uses_transformer_engine
+
+
+def transformer_config(
+    llm: LLMConfig, parallel: ParallelConfig, params_dtype: torch.dtype = torch.float32
+) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` for ``llm`` split as ``parallel``."""
+    te = uses_transformer_engine(llm)
+    on_gpu = torch.cuda.is_available()
+    interleaved = parallel.virtual_pipeline_model_parallel_size is not None
+    fp8 = {}
+    if llm.fp8:
+        fp8 = dict(
+            fp8=llm.fp8,
+            fp8_recipe=llm.fp8_recipe,
+            fp8_amax_history_len=llm.fp8_amax_history_len,
+            fp8_amax_compute_algo=llm.fp8_amax_compute_algo,
+        )
+    return TransformerConfig(
+        num_layers=llm.num_layers,
+        hidden_size=llm.hidden_size,
+        ffn_hidden_size=llm.ffn_hidden_size,
+        num_attention_heads=llm.num_attention_heads,
+        num_query_groups=llm.num_query_groups,
+        kv_channels=llm.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=llm.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=llm.qkv_bias,
+        attention_dropout=llm.attention_dropout,
+        hidden_dropout=llm.hidden_dropout,
+        init_method_std=llm.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel_size,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels exist only on GPU (TE/apex); the unfused paths compute the same thing.
+        apply_rope_fusion=te,
+        bias_activation_fusion=te,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=te,
+        persist_layer_norm=False,
+        # Interleaving: unbatched p2p with overlap, as Megatron-LM does. Batched ops to the same
+        # peer (PP=2, where prev == next) are matched in posting order, swapping activations
+        # and gradients; the unbatched path keeps the two directions on different groups.
+        overlap_p2p_comm=interleaved,
+        batch_p2p_comm=not interleaved,
+        **fp8,
+    )
+
+
+def build_llm(
+    llm: LLMConfig,
+    parallel: ParallelConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    vp_stage: int | None = None,
+    scatter_embedding_sequence_parallel: bool = True,
+    parallel_output: bool = True,
+) -> GPTModel:
+    """One model chunk: the layers of this pipeline rank (and virtual stage ``vp_stage``).
+
+    Needs :func:`salm_megatron.parallel.initialize` first. Speech models pass
+    ``scatter_embedding_sequence_parallel=False`` and scatter after merging audio embeddings.
+    """
+    config = transformer_config(llm, parallel, params_dtype)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_spec(llm, config, vp_stage),
+        vocab_size=llm.padded_vocab_size,
+        max_sequence_length=llm.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=llm.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(llm.rotary_base),
+        rope_scaling=llm.rope_scaling_factor is not None,
+        rope_scaling_factor=llm.rope_scaling_factor or 8.0,
+        scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
+        vp_stage=vp_stage,
+    )
+
+
+def build_llm_chunks(llm: LLMConfig, parallel: ParallelConfig, **kwargs) -> list[GPTModel]:
+    """All model chunks of this rank: one, or one per virtual pipeline stage (interleaving)."""
+    if parallel.virtual_pipeline_model_parallel_size is None:
+        return [build_llm(llm, parallel, **kwargs)]
+    return [build_llm(llm, parallel, vp_stage=stage, **kwargs) for stage in range(parallel.num_model_chunks)]

@@ -1,0 +1,208 @@
+"""Run Megatron-Core on machines without CUDA (laptops, CI) over the gloo backend.
+
+Megatron-Core assumes a GPU in a handful of places: it calls ``torch.cuda.current_device()`` and
+``torch.cuda.synchronize()``, makes tensors with ``device="cuda"`` in the schedules, DDP buffers,
+optimizers and grad clipping, asserts ``Tensor.type()`` strings such as ``'torch.cuda.FloatTensor'``
+in the optimizers, and forks the CUDA RNG for model-parallel randomness. :func:`apply` routes each of
+those to the CPU. It is called by :func:`salm_megatron.parallel.initialize` and does nothing when
+CUDA is available, so GPU runs see an untouched Megatron-Core.
+
+Everything here is a redirection, never a change of arithmetic: the same Megatron code paths run,
+only their tensors live in host memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import types
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Megatron modules that create tensors with a literal device="cuda" (or call .cuda()).
+_MODULES_WITH_CUDA_LITERALS = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.transformer.utils",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.utils",
+)
+
+# (module, attribute) of Megatron functions that assert CUDA tensor type strings.
+_CUDA_TYPE_CHECKERS = (
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer._build_model_and_main_param_groups",
+    ),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+)
+
+_TENSOR_FACTORIES = (
+    "tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
+    "zeros_like", "ones_like", "empty_like", "full_like", "as_tensor",
+)  # fmt: skip
+
+_applied = False
+
+
+def _host(device):
+    """Map any CUDA device spec to the CPU; leave the rest alone."""
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return torch.device("cpu")
+    if torch.device(device).type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+def _on_host(factory):
+    @functools.wraps(factory)
+    def make(*args, device=None, **kwargs):
+        return factory(*args, device=_host(device), **kwargs)
+
+    return make
+
+
+class _TorchOnHost(types.ModuleType):
+    """Stands in for ``torch`` inside one Megatron module: same names, CUDA devices become CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _TENSOR_FACTORIES:
+            setattr(self, name, _on_host(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+class CpuRNGStatesTracker:
+    """Megatron's model-parallel RNG tracker, keeping named states of the CPU generator.
+
+    ``fork(name)`` swaps the named state into the default CPU generator for the block, as
+    Megatron's ``CudaRNGStatesTracker`` does for the CUDA generator (dropout in TP regions).
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.states_ = {}
+        self.seeds_ = set()
+        self._is_initialized = False
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name, seed):
+        if seed in self.seeds_:
+            raise ValueError(f"RNG seed {seed} is already tracked")
+        if name in self.states_:
+            raise ValueError(f"RNG state {name!r} is already tracked")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise KeyError(f"RNG state {name!r} is not tracked")
+        outside = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outside)
+
+
+@contextlib.contextmanager
+def _tensor_types_named_cuda():
+    """Let ``Tensor.type()`` report CPU float tensors under their CUDA names for one call."""
+    cpu_type = torch.Tensor.type
+
+    def cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return cpu_type(self).replace("torch.", "torch.cuda.", 1)
+        return cpu_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = cuda_named_type
+    try:
+        yield
+    finally:
+        torch.Tensor.type = cpu_type
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with _tensor_types_named_cuda():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def _patch_attribute_path(module, path, wrap):
+    owner = module
+    *parents, leaf = path.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent)
+    original = owner.__dict__[leaf]
+    if isinstance(original, staticmethod):
+        setattr(owner, leaf, staticmethod(wrap(original.__func__)))
+    elif isinstance(original, classmethod):
+        setattr(owner, leaf, classmethod(wrap(original.__func__)))
+    else:
+        setattr(owner, leaf, wrap(original))
+
+
+def apply() -> bool:
+    """Route Megatron-Core's CUDA assumptions to the CPU. Returns True when it patched anything.
+
+    Idempotent; a no-op when CUDA is available.
+    """
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda device=None: None
+    torch.Tensor.cuda = lambda self, device=None, non_blocking=False, **kw: self
+
+    host_torch = _TorchOnHost()
+    for name in _MODULES_WITH_CUDA_LITERALS:
+        importlib.import_module(name).torch = host_torch
+
+    for module_name, path in _CUDA_TYPE_CHECKERS:
+        _patch_attribute_path(importlib.import_module(module_name), path, _with_cuda_type_names)
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    _applied = True
+    log.debug("Megatron-Core CPU compatibility layer applied")
+    return True

@@ -1,0 +1,98 @@
+"""One entry point to bring up and tear down torch.distributed + Megatron's parallel state.
+
+Launchers (torchrun, srun, our test harness) set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``; :func:`initialize` reads them when no explicit values are given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import ParallelConfig
+from . import cpu_compat
+
+log = logging.getLogger(__name__)
+
+
+def initialize(
+    parallel: ParallelConfig,
+    seed: int = 1234,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    timeout_minutes: int = 30,
+) -> None:
+    """Start torch.distributed (nccl on GPU, gloo on CPU), Megatron parallel state and seeds.
+
+    Safe to call when torch.distributed is already up (the existing group is used).
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        cpu_compat.apply()
+
+    if not dist.is_initialized():
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        parallel.validate_world(world_size)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    world_size = dist.get_world_size()
+    parallel.validate_world(world_size)
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    set_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    log.info(
+        "parallel runtime up: world %d = tp %d x pp %d x cp %d x dp %d (%s)",
+        world_size,
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        parallel.context_parallel_size,
+        parallel.data_parallel_size(world_size),
+        "nccl" if use_cuda else "gloo",
+    )
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch the same on every rank (model-parallel RNG is separate)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def is_initialized() -> bool:
+    from megatron.core import parallel_state
+
+    return dist.is_initialized() and parallel_state.model_parallel_is_initialized()
+
+
+def teardown() -> None:
+    """Destroy Megatron's groups and the default process group; safe to call twice."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

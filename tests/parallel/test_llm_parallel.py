@@ -1,0 +1,70 @@
+"""Proves the tiny LLM gives the same logits, loss and gradients at TP/SP/PP/VPP>1 as at TP=PP=1."""
+
+import glob
+import json
+
+import pytest
+
+from tests.conftest import REPO, launch
+
+WORKER = REPO / "tests/parallel/llm_worker.py"
+TOL = 1e-5
+
+LAYOUTS = {
+    # name: (processes, worker flags, LLM variant)
+    "tp2": (2, ["--tp", "2"], "gqa"),
+    "tp2-sp": (2, ["--tp", "2", "--sp"], "gqa"),
+    "pp2-1f1b": (2, ["--pp", "2"], "gqa"),
+    "tp2-pp2": (4, ["--tp", "2", "--pp", "2"], "gqa"),
+    "pp2-vpp2": (2, ["--pp", "2", "--vpp", "2"], "gqa"),
+    # Tied embeddings across pipeline stages and Qwen2-style QKV bias, with SP on top.
+    "tp2-sp-pp2-tied-bias": (4, ["--tp", "2", "--sp", "--pp", "2"], "tied-bias"),
+}
+VARIANTS = {"gqa": {}, "tied-bias": {"tie_embeddings": True, "qkv_bias": True}}
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """Reference run at TP=PP=1 per LLM variant: weights, gradients, logits and loss."""
+    dirs = {}
+    for variant, overrides in VARIANTS.items():
+        workdir = tmp_path_factory.mktemp(f"ref-{variant}")
+        launch(WORKER, 1, "--workdir", str(workdir), "--reference", "--llm", json.dumps(overrides))
+        dirs[variant] = workdir
+    return dirs
+
+
+def test_reference_loss_is_plain_cross_entropy(references):
+    import torch
+
+    for workdir in references.values():
+        ref = torch.load(workdir / "reference.pt")
+        torch.testing.assert_close(ref["loss"], ref["plain_loss"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_reference(layout, references):
+    nprocs, flags, variant = LAYOUTS[layout]
+    workdir = references[variant]
+    launch(WORKER, nprocs, "--workdir", str(workdir), *flags, "--llm", json.dumps(VARIANTS[variant]),
+           env={"SALM_LAYOUT": layout})  # fmt: skip
+    results = [json.loads(open(f).read()) for f in sorted(glob.glob(f"{workdir}/result-{layout}-rank*.json"))]
+    assert len(results) == nprocs
+
+    with_output = [r for r in results if "logits" in r]
+    assert with_output, "no rank reported logits"
+    for r in with_output:
+        assert r["logits"] < TOL, f"rank {r['rank']}: logits rel. error {r['logits']:.2e}"
+        assert r["loss"] < TOL, f"rank {r['rank']}: loss rel. error {r['loss']:.2e}"
+
+    checked = set()
+    for r in results:
+        assert r["grads"], f"rank {r['rank']} compared no gradients"
+        for name, err in r["grads"].items():
+            assert err < TOL, f"rank {r['rank']}: gradient of {name} rel. error {err:.2e}"
+            checked.add(name.split(".", 1)[1].split("layers.")[-1])
+    # Every kind of parameter was compared somewhere (embedding, attention, MLP, norms, output).
+    for part in ("word_embeddings", "linear_qkv.weight", "linear_proj", "linear_fc1", "linear_fc2",
+                 "input_layernorm", "pre_mlp_layernorm", "final_layernorm"):  # fmt: skip
+        assert any(part in name for name in checked), f"no gradient of {part} was compared"
