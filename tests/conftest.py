@@ -32,3 +32,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def single_rank(monkeypatch):
+    """Megatron parallel state for one process (TP=PP=1) inside the test process."""
+    from salm_megatron import parallel
+    from salm_megatron.config import ParallelConfig
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    parallel.initialize(ParallelConfig(), seed=1234, rank=0, world_size=1)
+    yield
+    parallel.teardown()

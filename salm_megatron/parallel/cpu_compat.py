@@ -48,6 +48,7 @@ _CUDA_TYPE_CHECKERS = (
         "DistributedOptimizer._build_model_and_main_param_groups",
     ),
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),  # imported by name
 )
 
 _TENSOR_FACTORIES = (
@@ -136,21 +137,26 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outside)
 
 
+_cpu_tensor_type = torch.Tensor.type
+
+
+def _cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        return _cpu_tensor_type(self).replace("torch.", "torch.cuda.", 1)
+    return _cpu_tensor_type(self, dtype, non_blocking, **kwargs)
+
+
 @contextlib.contextmanager
 def _tensor_types_named_cuda():
-    """Let ``Tensor.type()`` report CPU float tensors under their CUDA names for one call."""
-    cpu_type = torch.Tensor.type
-
-    def cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
-        if dtype is None and not kwargs and self.device.type == "cpu":
-            return cpu_type(self).replace("torch.", "torch.cuda.", 1)
-        return cpu_type(self, dtype, non_blocking, **kwargs)
-
-    torch.Tensor.type = cuda_named_type
+    """Let ``Tensor.type()`` report CPU tensors under their CUDA names for one call (re-entrant)."""
+    if torch.Tensor.type is _cuda_named_type:
+        yield
+        return
+    torch.Tensor.type = _cuda_named_type
     try:
         yield
     finally:
-        torch.Tensor.type = cpu_type
+        torch.Tensor.type = _cpu_tensor_type
 
 
 def _with_cuda_type_names(fn):

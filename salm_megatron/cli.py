@@ -1,0 +1,68 @@
+"""The ``salm`` command line. Each subcommand has ``--help`` with an example."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import yaml
+
+from .config import Config, ConfigError, apply_overrides, load_config
+
+
+def _config_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="salm config",
+        description="Print the resolved config: a YAML/JSON file (or the defaults) plus overrides.",
+        epilog="example: salm config run.yaml llm.preset=llama3-8b parallel.tensor_model_parallel_size=4",
+    )
+    parser.add_argument("file", nargs="?", help="YAML or JSON config (defaults when omitted)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parser.add_argument("--world-size", type=int, help="also check the layout fits this many processes")
+    args = parser.parse_args(argv)
+    if args.file and "=" in args.file:  # only overrides were given
+        args.overrides.insert(0, args.file)
+        args.file = None
+    try:
+        config = load_config(args.file) if args.file else Config()
+        config = apply_overrides(config, args.overrides)
+        if args.world_size is not None:
+            config.parallel.validate_world(args.world_size)
+    except ConfigError as err:
+        print(f"salm config: error: {err}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _demo_command(argv: list[str]) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(argv)
+
+
+COMMANDS = {
+    "config": (_config_command, "print and validate a resolved config"),
+    "demo": (_demo_command, "train a tiny model on 2 CPU processes (TP=2) and show the loss fall"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    usage = "usage: salm COMMAND [--help] ...\n\ncommands:\n" + "".join(
+        f"  {name:<8} {help_}\n" for name, (_, help_) in COMMANDS.items()
+    )
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage + "\nexample: salm demo", file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"salm: unknown command {argv[0]!r}\n\n{usage}", file=sys.stderr)
+        return 2
+    return command[0](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
