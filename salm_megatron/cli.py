@@ -15,11 +15,14 @@ def _config_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="salm config",
         description="Print the resolved config: a YAML/JSON file (or the defaults) plus overrides.",
-        epilog="example: salm config run.yaml llm.preset=llama3-8b parallel.tensor_model_parallel_size=4",
+        epilog="example: salm config run.yaml llm.preset=llama3-8b "
+        "parallel.tensor_model_parallel_size=4",
     )
     parser.add_argument("file", nargs="?", help="YAML or JSON config (defaults when omitted)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    parser.add_argument("--world-size", type=int, help="also check the layout fits this many processes")
+    parser.add_argument(
+        "--world-size", type=int, help="also check the layout fits this many processes"
+    )
     args = parser.parse_args(argv)
     if args.file and "=" in args.file:  # only overrides were given
         args.overrides.insert(0, args.file)

@@ -1,4 +1,4 @@
-"""Configuration: validated dataclasses, presets by name, YAML/JSON files and ``key.sub=value`` overrides.
+"""Configuration: validated dataclasses, presets by name, YAML/JSON and ``key.sub=value`` overrides.
 
 Every field is checked when a config is built or changed through :func:`apply_overrides`, and every
 error names the field and the value. Parallel layouts that cannot work are rejected here, before any
@@ -69,9 +69,17 @@ class LLMConfig:
     fp8_amax_compute_algo: str = "max"
 
     def __post_init__(self):
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                     "num_query_groups", "vocab_size", "make_vocab_size_divisible_by",
-                     "max_position_embeddings", "fp8_amax_history_len"):  # fmt: skip
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "vocab_size",
+            "make_vocab_size_divisible_by",
+            "max_position_embeddings",
+            "fp8_amax_history_len",
+        ):
             _positive(f"llm.{name}", getattr(self, name))
         _require(
             self.hidden_size % self.num_attention_heads == 0,
@@ -130,30 +138,54 @@ LLM_PRESETS: dict[str, dict[str, Any]] = {
     # Test size: GQA, two query groups so TP=2 splits them.
     "tiny": dict(),
     "llama3.2-1b": dict(
-        num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
-        num_query_groups=8, vocab_size=128256, max_position_embeddings=131072,
-        rotary_base=500000.0, rope_scaling_factor=32.0, tie_embeddings=True,
+        num_layers=16,
+        hidden_size=2048,
+        ffn_hidden_size=8192,
+        num_attention_heads=32,
+        num_query_groups=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rotary_base=500000.0,
+        rope_scaling_factor=32.0,
+        tie_embeddings=True,
     ),
     "llama3-8b": dict(
-        num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
-        num_query_groups=8, vocab_size=128256, max_position_embeddings=8192,
+        num_layers=32,
+        hidden_size=4096,
+        ffn_hidden_size=14336,
+        num_attention_heads=32,
+        num_query_groups=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
         rotary_base=500000.0,
     ),
     "llama3-70b": dict(
-        num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64,
-        num_query_groups=8, vocab_size=128256, max_position_embeddings=8192,
+        num_layers=80,
+        hidden_size=8192,
+        ffn_hidden_size=28672,
+        num_attention_heads=64,
+        num_query_groups=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
         rotary_base=500000.0,
     ),
     "qwen2.5-7b": dict(
-        num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28,
-        num_query_groups=4, vocab_size=152064, max_position_embeddings=32768,
-        rotary_base=1000000.0, norm_epsilon=1e-6, qkv_bias=True,
+        num_layers=28,
+        hidden_size=3584,
+        ffn_hidden_size=18944,
+        num_attention_heads=28,
+        num_query_groups=4,
+        vocab_size=152064,
+        max_position_embeddings=32768,
+        rotary_base=1000000.0,
+        norm_epsilon=1e-6,
+        qkv_bias=True,
     ),
-}  # fmt: skip
+}
 
 
 def llm_preset(name: str, **overrides: Any) -> LLMConfig:
-    """The LLM shape called ``name`` (see ``LLM_PRESETS``), with fields replaced by ``overrides``."""
+    """The LLM shape called ``name`` (see ``LLM_PRESETS``) with some fields replaced."""
     _choice("llm preset", name, tuple(LLM_PRESETS))
     return LLMConfig(**{**LLM_PRESETS[name], **overrides})
 
@@ -172,8 +204,11 @@ class ParallelConfig:
     context_parallel_size: int = 1
 
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "context_parallel_size"):  # fmt: skip
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+        ):
             _positive(f"parallel.{name}", getattr(self, name))
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
@@ -232,8 +267,17 @@ class Config:
     def validate_layout(self) -> None:
         """Reject model/parallel combinations that cannot be split, naming the numbers."""
         llm, par = self.llm, self.parallel
-        tp, pp, chunks = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.num_model_chunks
-        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "padded_vocab_size"):
+        tp, pp, chunks = (
+            par.tensor_model_parallel_size,
+            par.pipeline_model_parallel_size,
+            par.num_model_chunks,
+        )
+        for name in (
+            "num_attention_heads",
+            "num_query_groups",
+            "ffn_hidden_size",
+            "padded_vocab_size",
+        ):
             value = getattr(llm, name)
             _require(
                 value % tp == 0,
@@ -296,7 +340,8 @@ def _build(cls, data: Any, prefix: str):
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(
-            f"unknown field {prefix}{unknown[0]}; {prefix or 'config'} has: {', '.join(sorted(known))}"
+            f"unknown field {prefix}{unknown[0]}; "
+            f"{prefix or 'config'} has: {', '.join(sorted(known))}"
         )
     kwargs = {}
     for key, value in data.items():
@@ -329,7 +374,9 @@ def load_config(path: str | Path) -> Config:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"config file {path} is not valid {path.suffix[1:] or 'YAML'}: {err}") from err
+        raise ConfigError(
+            f"config file {path} is not valid {path.suffix[1:] or 'YAML'}: {err}"
+        ) from err
     try:
         return config_from_dict(data or {})
     except ConfigError as err:
@@ -337,7 +384,7 @@ def load_config(path: str | Path) -> Config:
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
-    """Return a new config with ``key.sub=value`` strings applied (values parsed as YAML scalars)."""
+    """A new config with ``key.sub=value`` strings applied (values parsed as YAML scalars)."""
     data = config.to_dict()
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -347,7 +394,9 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         *parents, leaf = key.split(".")
         for i, part in enumerate(parents):
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(parents[: i + 1])} is not a section"
+                )
             node = node[part]
         if key == "llm.preset":
             _choice("llm.preset", value, tuple(LLM_PRESETS))
@@ -356,6 +405,8 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
             continue
         if leaf not in node:
             where = ".".join(parents) or "config"
-            raise ConfigError(f"override {item!r}: unknown field {key}; {where} has: {', '.join(sorted(node))}")
+            raise ConfigError(
+                f"override {item!r}: unknown field {key}; {where} has: {', '.join(sorted(node))}"
+            )
         node[leaf] = value
     return config_from_dict(data)

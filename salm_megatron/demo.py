@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from functools import partial
 
 import torch
 
@@ -48,8 +47,11 @@ def _forward_step(data_iterator, model):
 
 def train(steps: int, lr: float) -> float:
     """Run in every process of the job; returns the final loss."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -68,8 +70,9 @@ def train(steps: int, lr: float) -> float:
         module=model,
     )
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, clip_grad=1.0,
-                        use_distributed_optimizer=True),  # fmt: skip
+        OptimizerConfig(
+            optimizer="adam", lr=lr, weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=True
+        ),
         [ddp],
     )
     forward_backward = get_forward_backward_func()
@@ -79,13 +82,19 @@ def train(steps: int, lr: float) -> float:
         optimizer.zero_grad()
         batch = _copy_task_batch(step, cfg.llm.vocab_size)
         out = forward_backward(
-            forward_step_func=_forward_step, data_iterator=iter([batch]), model=ddp,
-            num_microbatches=1, seq_length=SEQ - 1, micro_batch_size=BATCH,
-        )  # fmt: skip
+            forward_step_func=_forward_step,
+            data_iterator=iter([batch]),
+            model=ddp,
+            num_microbatches=1,
+            seq_length=SEQ - 1,
+            micro_batch_size=BATCH,
+        )
         optimizer.step()
         loss = (out[0]["loss_sum"] / out[0]["tokens"]).item()
         if rank0 and (step == 1 or step % 10 == 0 or step == steps):
-            print(f"step {step:4d}/{steps}  loss {loss:.3f}  ({time.time() - start:.1f}s)", flush=True)
+            print(
+                f"step {step:4d}/{steps}  loss {loss:.3f}  ({time.time() - start:.1f}s)", flush=True
+            )
     parallel.teardown()
     return loss
 
@@ -107,9 +116,20 @@ def main(argv: list[str] | None = None) -> int:
         final = train(args.steps, args.lr)
         return 0 if final < 1.0 else 1
 
-    print("salm demo: tiny Llama-style LLM, TP=2 on 2 CPU processes, synthetic copy task", flush=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "salm_megatron.demo", f"--steps={args.steps}", f"--lr={args.lr}"]  # fmt: skip
+    print(
+        "salm demo: tiny Llama-style LLM, TP=2 on 2 CPU processes, synthetic copy task", flush=True
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "salm_megatron.demo",
+        f"--steps={args.steps}",
+        f"--lr={args.lr}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     code = subprocess.call(cmd, env=env)
     print("salm demo: " + ("done, loss fell below 1.0" if code == 0 else f"failed (exit {code})"))

@@ -13,12 +13,23 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def launch(script: Path, nprocs: int, *args: str, env: dict | None = None, timeout: int = 240) -> str:
-    """Run ``script`` under torchrun with ``nprocs`` CPU processes; raise with its output on failure."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
-           str(script), *args]  # fmt: skip
+def launch(
+    script: Path, nprocs: int, *args: str, env: dict | None = None, timeout: int = 240
+) -> str:
+    """Run ``script`` under torchrun with ``nprocs`` processes; raise with its output on failure."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nprocs}",
+        str(script),
+        *args,
+    ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}")

@@ -3,4 +3,10 @@
 from .model import build_llm, build_llm_chunks, transformer_config
 from .specs import decoder_spec, uses_transformer_engine
 
-__all__ = ["build_llm", "build_llm_chunks", "decoder_spec", "transformer_config", "uses_transformer_engine"]
+__all__ = [
+    "build_llm",
+    "build_llm_chunks",
+    "decoder_spec",
+    "transformer_config",
+    "uses_transformer_engine",
+]

@@ -38,7 +38,9 @@ class SDPAttention(MegatronModule):
         if config.context_parallel_size != 1:
             raise ValueError("context parallelism needs Transformer Engine attention")
         self.attn_mask_type = attn_mask_type
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
 
     def forward(

@@ -105,4 +105,7 @@ def build_llm_chunks(llm: LLMConfig, parallel: ParallelConfig, **kwargs) -> list
     """All model chunks of this rank: one, or one per virtual pipeline stage (interleaving)."""
     if parallel.virtual_pipeline_model_parallel_size is None:
         return [build_llm(llm, parallel, **kwargs)]
-    return [build_llm(llm, parallel, vp_stage=stage, **kwargs) for stage in range(parallel.num_model_chunks)]
+    return [
+        build_llm(llm, parallel, vp_stage=stage, **kwargs)
+        for stage in range(parallel.num_model_chunks)
+    ]

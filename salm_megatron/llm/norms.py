@@ -35,7 +35,11 @@ class Norm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         if self.rms:
-            y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+            y = (
+                x32
+                * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+                * self.weight.float()
+            )
         else:
             y = torch.nn.functional.layer_norm(
                 x32, x32.shape[-1:], self.weight.float(), self.bias.float(), self.eps

@@ -1,8 +1,8 @@
 """Transformer layer specs: Transformer Engine's on GPUs that have it, a local one elsewhere.
 
 The local spec uses Megatron-Core's own tensor-parallel linears with :class:`SDPAttention` and our
-sequence-parallel-aware :class:`Norm`. Its checkpoint keys are mapped onto the TE spec's (whose norms
-are fused into the following linear), so a checkpoint written by either loads into the other.
+sequence-parallel-aware :class:`Norm`. Its checkpoint keys are mapped onto the TE spec's (whose
+norms are fused into the following linear), so a checkpoint written by either loads into the other.
 """
 
 from __future__ import annotations
@@ -79,7 +79,9 @@ def local_layer_spec() -> ModuleSpec:
             pre_mlp_layernorm=Norm,
             mlp=ModuleSpec(
                 module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                ),
             ),
             mlp_bda=get_bias_dropout_add,
             # Checkpoint names of the TE spec, where these norms live inside the next linear.
@@ -98,12 +100,16 @@ def transformer_engine_layer_spec() -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec()
 
 
-def decoder_spec(llm: LLMConfig, config: TransformerConfig, vp_stage: int | None = None) -> ModuleSpec:
+def decoder_spec(
+    llm: LLMConfig, config: TransformerConfig, vp_stage: int | None = None
+) -> ModuleSpec:
     """Spec of this pipeline chunk's decoder: its layers and, last, the final norm."""
     if uses_transformer_engine(llm):
         return transformer_engine_layer_spec()  # Megatron adds TE's final norm itself
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,
-        submodules=TransformerBlockSubmodules(layer_specs=[local_layer_spec()] * layers, layer_norm=Norm),
+        submodules=TransformerBlockSubmodules(
+            layer_specs=[local_layer_spec()] * layers, layer_norm=Norm
+        ),
     )

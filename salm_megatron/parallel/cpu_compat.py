@@ -3,9 +3,9 @@
 Megatron-Core assumes a GPU in a handful of places: it calls ``torch.cuda.current_device()`` and
 ``torch.cuda.synchronize()``, makes tensors with ``device="cuda"`` in the schedules, DDP buffers,
 optimizers and grad clipping, asserts ``Tensor.type()`` strings such as ``'torch.cuda.FloatTensor'``
-in the optimizers, and forks the CUDA RNG for model-parallel randomness. :func:`apply` routes each of
-those to the CPU. It is called by :func:`salm_megatron.parallel.initialize` and does nothing when
-CUDA is available, so GPU runs see an untouched Megatron-Core.
+in the optimizers, and forks the CUDA RNG for model-parallel randomness. :func:`apply` routes
+each of those to the CPU. :func:`salm_megatron.parallel.initialize` calls it; it does nothing
+when CUDA is available, so GPU runs see an untouched Megatron-Core.
 
 Everything here is a redirection, never a change of arithmetic: the same Megatron code paths run,
 only their tensors live in host memory.
@@ -52,9 +52,21 @@ _CUDA_TYPE_CHECKERS = (
 )
 
 _TENSOR_FACTORIES = (
-    "tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
-    "zeros_like", "ones_like", "empty_like", "full_like", "as_tensor",
-)  # fmt: skip
+    "tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "as_tensor",
+)
 
 _applied = False
 

@@ -1,7 +1,7 @@
 """One entry point to bring up and tear down torch.distributed + Megatron's parallel state.
 
 Launchers (torchrun, srun, our test harness) set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR`` and ``MASTER_PORT``; :func:`initialize` reads them when no explicit values are given.
+``MASTER_ADDR`` and ``MASTER_PORT``; :func:`initialize` reads them unless given explicitly.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Proves (CUDA + Transformer Engine only) the TE spec computes what the local spec does, and FP8 trains."""
+"""Proves (CUDA + TE only) that the TE spec computes what the local spec does, and FP8 trains."""
 
 import pytest
 import torch
@@ -35,11 +35,15 @@ def test_te_spec_matches_local_spec(single_rank):
     ids = torch.randint(0, 256, (2, 32), device="cuda")
     positions = torch.arange(32, device="cuda").expand(2, 32)
     with torch.no_grad():
-        torch.testing.assert_close(te(ids, positions, None), local(ids, positions, None), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            te(ids, positions, None), local(ids, positions, None), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_sdpa_local_spec_runs_bf16_on_gpu(single_rank):
-    model = build_llm(LLMConfig(transformer_impl="local"), ParallelConfig(), params_dtype=torch.bfloat16).cuda()
+    model = build_llm(
+        LLMConfig(transformer_impl="local"), ParallelConfig(), params_dtype=torch.bfloat16
+    ).cuda()
     ids = torch.randint(0, 256, (2, 64), device="cuda")
     loss = model(ids, torch.arange(64, device="cuda").expand(2, 64), None, labels=ids)
     loss.float().mean().backward()
@@ -47,14 +51,17 @@ def test_sdpa_local_spec_runs_bf16_on_gpu(single_rank):
 
 
 @pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm89+"
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="FP8 needs sm89+",
 )
 def test_fp8_hybrid_forward_backward(single_rank):
     pytest.importorskip("transformer_engine")
     cfg = LLMConfig(hidden_size=128, ffn_hidden_size=256, num_attention_heads=4, fp8="hybrid")
     model = build_llm(cfg, ParallelConfig(), params_dtype=torch.bfloat16).cuda()
     ids = torch.randint(0, 256, (2, 32), device="cuda")  # FP8 GEMMs need multiples of 16
-    loss = model(ids, torch.arange(32, device="cuda").expand(2, 32), None, labels=ids).float().mean()
+    loss = (
+        model(ids, torch.arange(32, device="cuda").expand(2, 32), None, labels=ids).float().mean()
+    )
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

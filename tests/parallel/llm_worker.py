@@ -14,8 +14,11 @@ from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -121,12 +124,16 @@ def main():
             {k: v.clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}
             for sd in load(chunks, args.workdir / "grads")
         ]
-        for chunk, sd in zip(chunks, load(chunks, args.workdir / "weights")):
+        for chunk, sd in zip(chunks, load(chunks, args.workdir / "weights"), strict=True):
             chunk.load_state_dict(sd)
 
-    ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False)
+    ddp_config = DistributedDataParallelConfig(
+        overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
     model = [
-        DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+        DistributedDataParallel(
+            config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0
+        )
         for i, c in enumerate(chunks)
     ]
     config = chunks[0].config
@@ -142,7 +149,9 @@ def main():
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     logits = torch.cat(logits) if last else None
     loss = (
-        torch.stack([x["loss_sum"] for x in losses]).sum() / batch["loss_mask"].sum() if last else None
+        torch.stack([x["loss_sum"] for x in losses]).sum() / batch["loss_mask"].sum()
+        if last
+        else None
     )
 
     if args.reference:
@@ -156,7 +165,9 @@ def main():
             logits.flatten(0, 1), batch["labels"].flatten(), reduction="none"
         )
         plain = (plain * batch["loss_mask"].flatten()).sum() / batch["loss_mask"].sum()
-        torch.save({"logits": logits, "loss": loss, "plain_loss": plain}, args.workdir / "reference.pt")
+        torch.save(
+            {"logits": logits, "loss": loss, "plain_loss": plain}, args.workdir / "reference.pt"
+        )
         parallel.teardown()
         return
 
@@ -165,7 +176,7 @@ def main():
     if last:
         result["logits"] = rel_err(logits, reference["logits"])
         result["loss"] = rel_err(loss, reference["loss"])
-    for i, (chunk, ref) in enumerate(zip(chunks, reference_grads)):
+    for i, (chunk, ref) in enumerate(zip(chunks, reference_grads, strict=True)):
         for name, p in chunk.named_parameters():
             result["grads"][f"chunk{i}.{name}"] = rel_err(p.main_grad, ref[name])
     out = args.workdir / f"result-{os.environ.get('SALM_LAYOUT', 'layout')}-rank{rank}.json"

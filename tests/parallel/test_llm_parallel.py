@@ -2,6 +2,7 @@
 
 import glob
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,9 +48,20 @@ def test_reference_loss_is_plain_cross_entropy(references):
 def test_layout_matches_reference(layout, references):
     nprocs, flags, variant = LAYOUTS[layout]
     workdir = references[variant]
-    launch(WORKER, nprocs, "--workdir", str(workdir), *flags, "--llm", json.dumps(VARIANTS[variant]),
-           env={"SALM_LAYOUT": layout})  # fmt: skip
-    results = [json.loads(open(f).read()) for f in sorted(glob.glob(f"{workdir}/result-{layout}-rank*.json"))]
+    launch(
+        WORKER,
+        nprocs,
+        "--workdir",
+        str(workdir),
+        *flags,
+        "--llm",
+        json.dumps(VARIANTS[variant]),
+        env={"SALM_LAYOUT": layout},
+    )
+    results = [
+        json.loads(Path(f).read_text())
+        for f in sorted(glob.glob(f"{workdir}/result-{layout}-rank*.json"))
+    ]
     assert len(results) == nprocs
 
     with_output = [r for r in results if "logits" in r]
@@ -65,6 +77,14 @@ def test_layout_matches_reference(layout, references):
             assert err < TOL, f"rank {r['rank']}: gradient of {name} rel. error {err:.2e}"
             checked.add(name.split(".", 1)[1].split("layers.")[-1])
     # Every kind of parameter was compared somewhere (embedding, attention, MLP, norms, output).
-    for part in ("word_embeddings", "linear_qkv.weight", "linear_proj", "linear_fc1", "linear_fc2",
-                 "input_layernorm", "pre_mlp_layernorm", "final_layernorm"):  # fmt: skip
+    for part in (
+        "word_embeddings",
+        "linear_qkv.weight",
+        "linear_proj",
+        "linear_fc1",
+        "linear_fc2",
+        "input_layernorm",
+        "pre_mlp_layernorm",
+        "final_layernorm",
+    ):
         assert any(part in name for name in checked), f"no gradient of {part} was compared"

@@ -1,4 +1,4 @@
-"""Proves SDPAttention and Norm compute textbook attention / RMSNorm / LayerNorm in Megatron layouts."""
+"""Proves SDPAttention and Norm compute textbook attention, RMSNorm and LayerNorm."""
 
 import math
 
@@ -12,8 +12,14 @@ from salm_megatron.llm.norms import Norm
 
 
 def _config(**kw):
-    base = dict(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2, attention_dropout=0.0,
-                use_cpu_initialization=True)  # fmt: skip
+    base = dict(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+    )
     return TransformerConfig(**{**base, **kw})
 
 
@@ -30,8 +36,11 @@ def _naive_attention(q, k, v, allowed):
 
 def _qkv(sq=6, sk=6, b=2, n=4, g=2, d=8):
     g_ = torch.Generator().manual_seed(0)
-    return (torch.randn(sq, b, n, d, generator=g_), torch.randn(sk, b, g, d, generator=g_),
-            torch.randn(sk, b, g, d, generator=g_))  # fmt: skip
+    return (
+        torch.randn(sq, b, n, d, generator=g_),
+        torch.randn(sk, b, g, d, generator=g_),
+        torch.randn(sk, b, g, d, generator=g_),
+    )
 
 
 def test_causal_gqa_attention_matches_naive():

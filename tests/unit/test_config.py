@@ -40,21 +40,39 @@ def test_vocab_padding_does_not_depend_on_tp():
 @pytest.mark.parametrize(
     "parallel, llm, message",
     [
-        (dict(tensor_model_parallel_size=8), dict(preset="qwen2.5-7b"),
-         "llm.num_attention_heads=28 is not divisible by parallel.tensor_model_parallel_size=8"),
-        (dict(tensor_model_parallel_size=4), dict(num_query_groups=2),
-         "llm.num_query_groups=2 is not divisible by parallel.tensor_model_parallel_size=4"),
-        (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=3), dict(),
-         "llm.num_layers=4 is not divisible by pipeline_model_parallel_size x "
-         "virtual_pipeline_model_parallel_size = 2 x 3 = 6"),
-        (dict(sequence_parallel=True), dict(),
-         "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1"),
-        (dict(virtual_pipeline_model_parallel_size=2), dict(),
-         "needs parallel.pipeline_model_parallel_size > 1"),
-        (dict(context_parallel_size=2), dict(transformer_impl="local"),
-         "parallel.context_parallel_size=2 needs Transformer Engine attention"),
+        (
+            dict(tensor_model_parallel_size=8),
+            dict(preset="qwen2.5-7b"),
+            "llm.num_attention_heads=28 is not divisible by parallel.tensor_model_parallel_size=8",
+        ),
+        (
+            dict(tensor_model_parallel_size=4),
+            dict(num_query_groups=2),
+            "llm.num_query_groups=2 is not divisible by parallel.tensor_model_parallel_size=4",
+        ),
+        (
+            dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=3),
+            dict(),
+            "llm.num_layers=4 is not divisible by pipeline_model_parallel_size x "
+            "virtual_pipeline_model_parallel_size = 2 x 3 = 6",
+        ),
+        (
+            dict(sequence_parallel=True),
+            dict(),
+            "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1",
+        ),
+        (
+            dict(virtual_pipeline_model_parallel_size=2),
+            dict(),
+            "needs parallel.pipeline_model_parallel_size > 1",
+        ),
+        (
+            dict(context_parallel_size=2),
+            dict(transformer_impl="local"),
+            "parallel.context_parallel_size=2 needs Transformer Engine attention",
+        ),
     ],
-)  # fmt: skip
+)
 def test_impossible_layouts_are_rejected_with_the_numbers(parallel, llm, message):
     with pytest.raises(ConfigError) as err:
         config_from_dict({"parallel": parallel, "llm": llm})
@@ -75,7 +93,11 @@ def test_world_size_must_hold_the_model_parallel_group():
         ("fp8", "e5m2", "llm.fp8='e5m2' is not one of None, 'hybrid', 'e4m3'"),
         ("fp8_recipe", "fast", "llm.fp8_recipe='fast' is not one of"),
         ("hidden_size", 66, "llm.hidden_size=66 is not divisible by llm.num_attention_heads=4"),
-        ("num_query_groups", 3, "llm.num_attention_heads=4 is not divisible by llm.num_query_groups=3"),
+        (
+            "num_query_groups",
+            3,
+            "llm.num_attention_heads=4 is not divisible by llm.num_query_groups=3",
+        ),
         ("hidden_dropout", 1.5, "llm.hidden_dropout=1.5 must be in [0, 1)"),
         ("num_layers", 0, "llm.num_layers=0 must be a positive integer"),
     ],
@@ -104,7 +126,9 @@ def test_yaml_file_with_preset_and_overrides(tmp_path):
 
 
 def test_json_file_round_trip(tmp_path):
-    original = apply_overrides(Config(), ["llm.preset=qwen2.5-7b", "parallel.tensor_model_parallel_size=4"])
+    original = apply_overrides(
+        Config(), ["llm.preset=qwen2.5-7b", "parallel.tensor_model_parallel_size=4"]
+    )
     path = tmp_path / "run.json"
     path.write_text(json.dumps(original.to_dict()))
     assert load_config(path) == original

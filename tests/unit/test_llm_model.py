@@ -1,4 +1,4 @@
-"""Proves build_llm makes a real Llama-family decoder: same function as an independent Llama reference."""
+"""Proves build_llm makes a real Llama-family decoder: it equals an independent Llama forward."""
 
 import math
 
@@ -34,7 +34,7 @@ def _llama3_inv_freq(d, base, factor, low=1.0, high=4.0, original=8192):
 
 
 def reference_llama(sd, cfg: LLMConfig, ids):
-    """Llama forward written from the architecture description, reading Megatron's tensor layouts."""
+    """Llama forward written from the architecture, reading Megatron's tensor layouts."""
     n, g, d, eps = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, cfg.norm_epsilon
     b, s = ids.shape
     positions = torch.arange(s).expand(b, s)
@@ -46,7 +46,11 @@ def reference_llama(sd, cfg: LLMConfig, ids):
     for i in range(cfg.num_layers):
         p = f"decoder.layers.{i}."
         h = _rms(x, sd[p + "input_layernorm.weight"], eps)
-        qkv = F.linear(h, sd[p + "self_attention.linear_qkv.weight"], sd.get(p + "self_attention.linear_qkv.bias"))
+        qkv = F.linear(
+            h,
+            sd[p + "self_attention.linear_qkv.weight"],
+            sd.get(p + "self_attention.linear_qkv.bias"),
+        )
         # Megatron's fused QKV: per query group, its n/g query heads, then one key and one value.
         qkv = qkv.view(b, s, g, n // g + 2, d)
         q = qkv[:, :, :, : n // g].reshape(b, s, n, d)
@@ -61,7 +65,9 @@ def reference_llama(sd, cfg: LLMConfig, ids):
         gate, up = F.linear(h, sd[p + "mlp.linear_fc1.weight"]).chunk(2, -1)
         x = x + F.linear(F.silu(gate) * up, sd[p + "mlp.linear_fc2.weight"])
     x = _rms(x, sd["decoder.final_layernorm.weight"], eps)
-    out = sd["embedding.word_embeddings.weight"] if cfg.tie_embeddings else sd["output_layer.weight"]
+    out = (
+        sd["embedding.word_embeddings.weight"] if cfg.tie_embeddings else sd["output_layer.weight"]
+    )
     return F.linear(x, out)
 
 
@@ -106,7 +112,9 @@ def test_loss_is_token_cross_entropy(single_rank):
     with torch.no_grad():
         loss = model(ids[:, :-1], positions, None, labels=ids[:, 1:])
         logits = model(ids[:, :-1], positions, None)
-    expected = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(2, 8)
+    expected = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(
+        2, 8
+    )
     torch.testing.assert_close(loss, expected)
 
 
@@ -114,7 +122,9 @@ def test_local_spec_on_cpu_and_a_clear_error_when_te_is_demanded():
     if torch.cuda.is_available():
         pytest.skip("CPU-only behaviour")
     assert not uses_transformer_engine(LLMConfig())
-    with pytest.raises(RuntimeError, match="transformer_impl='transformer_engine' but Transformer Engine"):
+    with pytest.raises(
+        RuntimeError, match="transformer_impl='transformer_engine' but Transformer Engine"
+    ):
         uses_transformer_engine(LLMConfig(transformer_impl="transformer_engine"))
     with pytest.raises(RuntimeError, match="llm.fp8='e4m3' needs Transformer Engine with CUDA"):
         uses_transformer_engine(LLMConfig(fp8="e4m3"))
@@ -123,8 +133,11 @@ def test_local_spec_on_cpu_and_a_clear_error_when_te_is_demanded():
 def test_checkpoint_keys_match_the_transformer_engine_layout(single_rank):
     """Local-spec norms are saved under TE's fused names, so checkpoints move between the specs."""
     keys = set(build_llm(LLMConfig(), ParallelConfig()).sharded_state_dict())
-    sharded_keys = {sh.key for sh in build_llm(LLMConfig(), ParallelConfig()).sharded_state_dict().values()
-                    if hasattr(sh, "key")}  # fmt: skip
+    sharded_keys = {
+        sh.key
+        for sh in build_llm(LLMConfig(), ParallelConfig()).sharded_state_dict().values()
+        if hasattr(sh, "key")
+    }
     assert "decoder.layers.0.input_layernorm.weight" in keys
     assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in sharded_keys
     assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in sharded_keys

@@ -1,4 +1,4 @@
-"""Proves the parallel runtime validates before starting, tears down cleanly, and the CPU layer redirects."""
+"""Proves the runtime validates before starting and tears down cleanly; the CPU layer redirects."""
 
 import pytest
 import torch
@@ -57,9 +57,8 @@ def test_rng_tracker_forks_named_cpu_states():
         assert torch.equal(torch.rand(4), first)
     with pytest.raises(ValueError, match="seed 5 is already tracked"):
         tracker.add("other", 5)
-    with pytest.raises(KeyError, match="not tracked"):
-        with tracker.fork("missing"):
-            pass
+    with pytest.raises(KeyError, match="not tracked"), tracker.fork("missing"):
+        pass
 
 
 @cpu_only
