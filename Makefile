@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+# Extra pip arguments for the torch install, e.g. --index-url of a CPU-only wheel index.
+TORCH_PIP_ARGS ?=
 
 .PHONY: demo test venv clean
 
@@ -11,7 +13,7 @@ TORCH  ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 

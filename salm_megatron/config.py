@@ -250,6 +250,28 @@ class ParallelConfig:
         )
 
 
+def validate_layout(llm: LLMConfig, parallel: ParallelConfig) -> None:
+    """Reject model/parallel combinations that cannot be split, naming the numbers."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    chunks = parallel.num_model_chunks
+    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "padded_vocab_size"):
+        value = getattr(llm, name)
+        _require(
+            value % tp == 0,
+            f"llm.{name}={value} is not divisible by parallel.tensor_model_parallel_size={tp}",
+        )
+    _require(
+        llm.num_layers % (pp * chunks) == 0,
+        f"llm.num_layers={llm.num_layers} is not divisible by pipeline_model_parallel_size "
+        f"x virtual_pipeline_model_parallel_size = {pp} x {chunks} = {pp * chunks}",
+    )
+    _require(
+        parallel.context_parallel_size == 1 or llm.transformer_impl != "local",
+        f"parallel.context_parallel_size={parallel.context_parallel_size} needs Transformer "
+        "Engine attention, but llm.transformer_impl='local'",
+    )
+
+
 # ------------------------------------------------------------------------------------------ whole
 
 
@@ -265,34 +287,7 @@ class Config:
         self.validate_layout()
 
     def validate_layout(self) -> None:
-        """Reject model/parallel combinations that cannot be split, naming the numbers."""
-        llm, par = self.llm, self.parallel
-        tp, pp, chunks = (
-            par.tensor_model_parallel_size,
-            par.pipeline_model_parallel_size,
-            par.num_model_chunks,
-        )
-        for name in (
-            "num_attention_heads",
-            "num_query_groups",
-            "ffn_hidden_size",
-            "padded_vocab_size",
-        ):
-            value = getattr(llm, name)
-            _require(
-                value % tp == 0,
-                f"llm.{name}={value} is not divisible by parallel.tensor_model_parallel_size={tp}",
-            )
-        _require(
-            llm.num_layers % (pp * chunks) == 0,
-            f"llm.num_layers={llm.num_layers} is not divisible by pipeline_model_parallel_size "
-            f"x virtual_pipeline_model_parallel_size = {pp} x {chunks} = {pp * chunks}",
-        )
-        _require(
-            par.context_parallel_size == 1 or llm.transformer_impl != "local",
-            f"parallel.context_parallel_size={par.context_parallel_size} needs Transformer "
-            "Engine attention, but llm.transformer_impl='local'",
-        )
+        validate_layout(self.llm, self.parallel)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

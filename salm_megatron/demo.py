@@ -62,7 +62,6 @@ def train(steps: int, lr: float) -> float:
     parallel.initialize(cfg.parallel, seed=cfg.seed)
     rank0 = torch.distributed.get_rank() == 0
     model = build_llm(cfg.llm, cfg.parallel)
-    model.config.calculate_per_token_loss = True
     model.config.finalize_model_grads_func = finalize_model_grads
     ddp = DistributedDataParallel(
         config=model.config,

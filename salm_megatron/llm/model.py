@@ -8,7 +8,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..config import LLMConfig, ParallelConfig
+from ..config import LLMConfig, ParallelConfig, validate_layout
 from .specs import decoder_spec, uses_transformer_engine
 
 
@@ -59,6 +59,10 @@ def transformer_config(
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=te,
         persist_layer_norm=False,
+        # Loss is a sum over answer tokens; finalize_model_grads divides by the global token
+        # count (micro-batches and DP ranks hold different numbers of answer tokens). DDP reads
+        # this at construction to skip its 1/DP gradient scaling.
+        calculate_per_token_loss=True,
         # Interleaving: unbatched p2p with overlap, as Megatron-LM does. Batched ops to the same
         # peer (PP=2, where prev == next) are matched in posting order, swapping activations
         # and gradients; the unbatched path keeps the two directions on different groups.
@@ -82,6 +86,7 @@ def build_llm(
     Needs :func:`salm_megatron.parallel.initialize` first. Speech models pass
     ``scatter_embedding_sequence_parallel=False`` and scatter after merging audio embeddings.
     """
+    validate_layout(llm, parallel)
     config = transformer_config(llm, parallel, params_dtype)
     return GPTModel(
         config=config,

@@ -26,7 +26,7 @@ from salm_megatron import parallel
 from salm_megatron.config import Config, LLMConfig, ParallelConfig
 from salm_megatron.llm import build_llm_chunks
 
-GLOBAL_BATCH, SEQ, NUM_MICROBATCHES = 8, 16, 4
+GLOBAL_BATCH, SEQ, MICRO_BATCH = 8, 16, 2
 
 
 def make_batch(vocab_size: int) -> dict[str, torch.Tensor]:
@@ -38,10 +38,19 @@ def make_batch(vocab_size: int) -> dict[str, torch.Tensor]:
     return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": loss_mask}
 
 
+def data_parallel_share(batch):
+    """This data-parallel rank's contiguous share of the global batch."""
+    dp, rank = (
+        parallel_state.get_data_parallel_world_size(),
+        parallel_state.get_data_parallel_rank(),
+    )
+    share = GLOBAL_BATCH // dp
+    return {k: v[rank * share : (rank + 1) * share] for k, v in batch.items()}
+
+
 def microbatches(batch):
-    size = GLOBAL_BATCH // NUM_MICROBATCHES
-    for i in range(NUM_MICROBATCHES):
-        yield {k: v[i * size : (i + 1) * size] for k, v in batch.items()}
+    for i in range(0, len(batch["input_ids"]), MICRO_BATCH):
+        yield {k: v[i : i + MICRO_BATCH] for k, v in batch.items()}
 
 
 def forward_step(data_iterator, model, *, want_logits: bool):
@@ -67,9 +76,9 @@ def run(chunks, batch, *, forward_only: bool):
         forward_step_func=partial(forward_step, want_logits=forward_only),
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=NUM_MICROBATCHES,
+        num_microbatches=len(batch["input_ids"]) // MICRO_BATCH,
         seq_length=SEQ,
-        micro_batch_size=GLOBAL_BATCH // NUM_MICROBATCHES,
+        micro_batch_size=MICRO_BATCH,
         forward_only=forward_only,
         collect_non_loss_data=forward_only,
     )
@@ -137,22 +146,22 @@ def main():
         for i, c in enumerate(chunks)
     ]
     config = chunks[0].config
-    config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
 
-    batch = make_batch(cfg.llm.vocab_size)
-    logits = run(model, batch, forward_only=True)
+    full_batch = make_batch(cfg.llm.vocab_size)
+    batch = data_parallel_share(full_batch)
+    logit_chunks = run(model, batch, forward_only=True)
     for m in model:
         m.zero_grad_buffer()
     losses = run(model, batch, forward_only=False)
 
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    logits = torch.cat(logits) if last else None
-    loss = (
-        torch.stack([x["loss_sum"] for x in losses]).sum() / batch["loss_mask"].sum()
-        if last
-        else None
-    )
+    logits = loss = None
+    if last:
+        logits = torch.cat(logit_chunks)
+        loss_sum = torch.stack([x["loss_sum"] for x in losses]).sum()
+        torch.distributed.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group())
+        loss = loss_sum / full_batch["loss_mask"].sum()
 
     if args.reference:
         # Gradients saved as a checkpoint of the model's own layout: parameters hold main_grad.
@@ -174,7 +183,8 @@ def main():
     reference = torch.load(args.workdir / "reference.pt")
     result = {"rank": rank, "grads": {}}
     if last:
-        result["logits"] = rel_err(logits, reference["logits"])
+        expected_logits = data_parallel_share({"logits": reference["logits"]})["logits"]
+        result["logits"] = rel_err(logits, expected_logits)
         result["loss"] = rel_err(loss, reference["loss"])
     for i, (chunk, ref) in enumerate(zip(chunks, reference_grads, strict=True)):
         for name, p in chunk.named_parameters():

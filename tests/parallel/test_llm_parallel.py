@@ -18,6 +18,7 @@ LAYOUTS = {
     "pp2-1f1b": (2, ["--pp", "2"], "gqa"),
     "tp2-pp2": (4, ["--tp", "2", "--pp", "2"], "gqa"),
     "pp2-vpp2": (2, ["--pp", "2", "--vpp", "2"], "gqa"),
+    "tp2-dp2": (4, ["--tp", "2"], "gqa"),  # data parallelism is what the world leaves
     # Tied embeddings across pipeline stages and Qwen2-style QKV bias, with SP on top.
     "tp2-sp-pp2-tied-bias": (4, ["--tp", "2", "--sp", "--pp", "2"], "tied-bias"),
 }

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salm_megatron.config import LLMConfig, ParallelConfig
+from salm_megatron.config import ConfigError, LLMConfig, ParallelConfig
 from salm_megatron.llm import build_llm, uses_transformer_engine
 
 
@@ -141,3 +141,10 @@ def test_checkpoint_keys_match_the_transformer_engine_layout(single_rank):
     assert "decoder.layers.0.input_layernorm.weight" in keys
     assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in sharded_keys
     assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in sharded_keys
+
+
+def test_builder_rejects_a_layout_changed_after_validation(single_rank):
+    layout = ParallelConfig()
+    layout.pipeline_model_parallel_size = 3  # bypasses ParallelConfig's own checks
+    with pytest.raises(ConfigError, match="llm.num_layers=4 is not divisible by .* = 3 x 1 = 3"):
+        build_llm(LLMConfig(), layout)

@@ -1,0 +1,31 @@
+"""Proves `salm config` prints the resolved config and explains bad input with exit code 2."""
+
+import yaml
+
+from salm_megatron.cli import main
+
+
+def test_config_prints_resolved_yaml(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("llm:\n  preset: llama3-8b\n")
+    assert (
+        main(["config", str(path), "parallel.tensor_model_parallel_size=8", "--world-size", "16"])
+        == 0
+    )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["llm"]["hidden_size"] == 4096
+    assert printed["parallel"]["tensor_model_parallel_size"] == 8
+
+
+def test_config_errors_name_the_problem(capsys):
+    assert main(["config", "llm.preset=qwen2.5-7b", "parallel.tensor_model_parallel_size=8"]) == 2
+    assert "llm.num_attention_heads=28 is not divisible by" in capsys.readouterr().err
+    assert main(["config", "parallel.tensor_model_parallel_size=2", "--world-size", "3"]) == 2
+    assert "world size 3 is not divisible" in capsys.readouterr().err
+
+
+def test_unknown_command_and_help(capsys):
+    assert main(["trian"]) == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "example: salm demo" in capsys.readouterr().out
