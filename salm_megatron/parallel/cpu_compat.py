@@ -52,21 +52,9 @@ _CUDA_TYPE_CHECKERS = (
 )
 
 _TENSOR_FACTORIES = (
-    "tensor",
-    "zeros",
-    "ones",
-    "empty",
-    "full",
-    "arange",
-    "rand",
-    "randn",
-    "randint",
-    "zeros_like",
-    "ones_like",
-    "empty_like",
-    "full_like",
-    "as_tensor",
-)
+    "tensor as_tensor zeros ones empty full arange rand randn randint "
+    "zeros_like ones_like empty_like full_like"
+).split()
 
 _applied = False
 
