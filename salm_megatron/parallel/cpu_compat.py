@@ -51,10 +51,10 @@ _CUDA_TYPE_CHECKERS = (
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),  # imported by name
 )
 
-_TENSOR_FACTORIES = (
-    "tensor as_tensor zeros ones empty full arange rand randn randint "
-    "zeros_like ones_like empty_like full_like"
-).split()
+# fmt: off
+_TENSOR_FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand",
+                     "randn", "randint", "zeros_like", "ones_like", "empty_like", "full_like")
+# fmt: on
 
 _applied = False
 
