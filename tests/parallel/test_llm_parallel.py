@@ -1,15 +1,16 @@
 """Proves the tiny LLM gives the same logits, loss and gradients at TP/SP/PP/VPP>1 as at TP=PP=1."""
 
-import glob
 import json
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, launch
+from tests.parallel import equivalence as eq
 
 WORKER = REPO / "tests/parallel/llm_worker.py"
-TOL = 1e-5
+# Every kind of parameter must have been compared somewhere.
+PARTS = ("word_embeddings", "linear_qkv.weight", "linear_proj", "linear_fc1", "linear_fc2",
+         "input_layernorm", "pre_mlp_layernorm", "final_layernorm")  # fmt: skip
 
 LAYOUTS = {
     # name: (processes, worker flags, LLM variant)
@@ -49,43 +50,6 @@ def test_reference_loss_is_plain_cross_entropy(references):
 def test_layout_matches_reference(layout, references):
     nprocs, flags, variant = LAYOUTS[layout]
     workdir = references[variant]
-    launch(
-        WORKER,
-        nprocs,
-        "--workdir",
-        str(workdir),
-        *flags,
-        "--llm",
-        json.dumps(VARIANTS[variant]),
-        env={"SALM_LAYOUT": layout},
-    )
-    results = [
-        json.loads(Path(f).read_text())
-        for f in sorted(glob.glob(f"{workdir}/result-{layout}-rank*.json"))
-    ]
-    assert len(results) == nprocs
-
-    with_output = [r for r in results if "logits" in r]
-    assert with_output, "no rank reported logits"
-    for r in with_output:
-        assert r["logits"] < TOL, f"rank {r['rank']}: logits rel. error {r['logits']:.2e}"
-        assert r["loss"] < TOL, f"rank {r['rank']}: loss rel. error {r['loss']:.2e}"
-
-    checked = set()
-    for r in results:
-        assert r["grads"], f"rank {r['rank']} compared no gradients"
-        for name, err in r["grads"].items():
-            assert err < TOL, f"rank {r['rank']}: gradient of {name} rel. error {err:.2e}"
-            checked.add(name.split(".", 1)[1].split("layers.")[-1])
-    # Every kind of parameter was compared somewhere (embedding, attention, MLP, norms, output).
-    for part in (
-        "word_embeddings",
-        "linear_qkv.weight",
-        "linear_proj",
-        "linear_fc1",
-        "linear_fc2",
-        "input_layernorm",
-        "pre_mlp_layernorm",
-        "final_layernorm",
-    ):
-        assert any(part in name for name in checked), f"no gradient of {part} was compared"
+    overrides = json.dumps(VARIANTS[variant])
+    launch(WORKER, nprocs, "--workdir", str(workdir), "--name", layout, *flags, "--llm", overrides)
+    eq.check_results(eq.read_results(workdir, layout), nprocs, PARTS)
