@@ -7,6 +7,7 @@ process group exists (:meth:`Config.validate_world`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -272,22 +273,322 @@ def validate_layout(llm: LLMConfig, parallel: ParallelConfig) -> None:
     )
 
 
+# ------------------------------------------------------------------------------------------- audio
+
+NORMALIZE_TYPES = (None, "per_feature")
+CONV_NORM_TYPES = ("batch_norm", "layer_norm")
+ADAPTER_TYPES = ("linear", "mlp", "conformer")
+
+
+def _fraction(name: str, value: float) -> None:
+    _require(0 <= value < 1, f"{name}={value} must be in [0, 1)")
+
+
+@dataclass
+class FeatureConfig:
+    """Log-mel features as NeMo computes them: pretrained encoders expect exactly these."""
+
+    sample_rate: int = 16000  # Hz; audio is resampled to this (mono) before the features
+    n_mels: int = 80
+    window_size: float = 0.025  # seconds (400 samples at 16 kHz)
+    window_stride: float = 0.01  # seconds (160 samples): 100 frames per second
+    n_fft: int = 512
+    preemph: Optional[float] = 0.97  # null: no pre-emphasis
+    log_zero_guard: float = 2**-24  # added to the mel energies before the log
+    normalize: Optional[str] = "per_feature"  # per utterance and mel bin, over valid frames
+    dither: float = 0.0  # std of Gaussian noise added in training only (NeMo trains with 1e-5)
+
+    def __post_init__(self):
+        for name in ("sample_rate", "n_mels", "n_fft"):
+            _positive(f"encoder.features.{name}", getattr(self, name))
+        for name in ("window_size", "window_stride", "log_zero_guard"):
+            value = getattr(self, name)
+            _require(value > 0, f"encoder.features.{name}={value} must be positive")
+        _require(
+            self.hop_length >= 1,
+            f"encoder.features.window_stride={self.window_stride} is under one sample at "
+            f"{self.sample_rate} Hz",
+        )
+        _require(
+            1 <= self.win_length <= self.n_fft,
+            f"encoder.features.window_size={self.window_size} is {self.win_length} samples at "
+            f"{self.sample_rate} Hz; it must be 1 .. n_fft={self.n_fft}",
+        )
+        if self.preemph is not None:
+            _fraction("encoder.features.preemph", self.preemph)
+        _choice("encoder.features.normalize", self.normalize, NORMALIZE_TYPES)
+        _require(self.dither >= 0, f"encoder.features.dither={self.dither} must be >= 0")
+
+    @property
+    def win_length(self) -> int:
+        return round(self.window_size * self.sample_rate)
+
+    @property
+    def hop_length(self) -> int:
+        return round(self.window_stride * self.sample_rate)
+
+
+@dataclass
+class SpecAugmentConfig:
+    """SpecAugment (training only). NeMo's FastConformer recipe; 0 masks switch a kind off."""
+
+    freq_masks: int = 2
+    freq_width: int = 27  # widest frequency mask, in mel bins
+    time_masks: int = 10
+    time_width: float = 0.05  # widest time mask: below 1 a fraction of the utterance, else frames
+
+    def __post_init__(self):
+        for name in ("freq_masks", "freq_width", "time_masks"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and value >= 0,
+                f"encoder.spec_augment.{name}={value!r} must be an integer >= 0",
+            )
+        _require(
+            0 <= self.time_width < 1 or float(self.time_width).is_integer(),
+            f"encoder.spec_augment.time_width={self.time_width} must be a fraction in [0, 1) "
+            "or a whole number of frames",
+        )
+
+
+@dataclass
+class EncoderConfig:
+    """FastConformer: NeMo's ConformerEncoder with dw_striding subsampling and rel_pos attention.
+
+    The defaults are the ``tiny`` test size; ``encoder_preset`` gives NVIDIA's sizes.
+    """
+
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    ff_expansion_factor: int = 4
+    conv_kernel_size: int = 9
+    conv_norm_type: str = "batch_norm"
+    subsampling_factor: int = 8  # a power of 2: one stride-2 conv stage per factor of 2
+    subsampling_conv_channels: int = 32
+    att_context_size: list[int] = field(default_factory=lambda: [-1, -1])  # [left, right]; -1: all
+    xscaling: bool = True  # multiply the subsampled frames by sqrt(d_model)
+    use_bias: bool = True  # biases in the conformer layers' linears and convolutions
+    dropout: float = 0.1
+    dropout_pre_encoder: float = 0.1
+    dropout_emb: float = 0.0
+    dropout_att: float = 0.1
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
+
+    def __post_init__(self):
+        for name in (
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "ff_expansion_factor",
+            "conv_kernel_size",
+            "subsampling_factor",
+            "subsampling_conv_channels",
+        ):
+            _positive(f"encoder.{name}", getattr(self, name))
+        _require(
+            self.d_model % self.num_heads == 0,
+            f"encoder.d_model={self.d_model} is not divisible by "
+            f"encoder.num_heads={self.num_heads}",
+        )
+        _require(
+            self.conv_kernel_size % 2 == 1,
+            f"encoder.conv_kernel_size={self.conv_kernel_size} must be odd",
+        )
+        factor = self.subsampling_factor
+        _require(
+            factor >= 2 and factor & (factor - 1) == 0,
+            f"encoder.subsampling_factor={factor} must be a power of 2 (2, 4, 8, ...)",
+        )
+        _choice("encoder.conv_norm_type", self.conv_norm_type, CONV_NORM_TYPES)
+        context = self.att_context_size
+        _require(
+            isinstance(context, (list, tuple))
+            and len(context) == 2
+            and all(isinstance(c, int) and c >= -1 for c in context),
+            f"encoder.att_context_size={context!r} must be [left, right], each -1 or >= 0",
+        )
+        self.att_context_size = list(context)
+        for name in ("dropout", "dropout_pre_encoder", "dropout_emb", "dropout_att"):
+            _fraction(f"encoder.{name}", getattr(self, name))
+
+    @property
+    def subsampling_stages(self) -> int:
+        return self.subsampling_factor.bit_length() - 1
+
+    def num_parameters(self) -> int:
+        """Trainable parameters (BatchNorm running statistics excluded), as NeMo counts them."""
+        d, c, k = self.d_model, self.subsampling_conv_channels, self.conv_kernel_size
+        f = d * self.ff_expansion_factor
+        freq = self.features.n_mels
+        for _ in range(self.subsampling_stages):
+            freq = (freq - 1) // 2 + 1
+        subsampling = (
+            (9 * c + c)
+            + (self.subsampling_stages - 1) * ((9 * c + c) + (c * c + c))
+            + (c * freq * d + d)
+        )
+        bias = 1 if self.use_bias else 0
+        feed_forward = d * f + f * d + bias * (f + d)
+        attention = 5 * d * d + bias * 4 * d + 2 * d  # q, k, v, out, pos; pos_bias_u, pos_bias_v
+        convolution = 2 * d * d + d * k + d * d + bias * (2 * d + d + d) + 2 * d  # + its norm
+        norms = 5 * 2 * d
+        layer = 2 * feed_forward + attention + convolution + norms
+        return subsampling + self.num_layers * layer
+
+
+ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    # Test size.
+    "tiny": dict(),
+    # NVIDIA's FastConformer sizes (NeMo's fast-conformer configs; 256 subsampling channels).
+    "fastconformer-large": dict(
+        d_model=512, num_layers=17, num_heads=8, subsampling_conv_channels=256, xscaling=True
+    ),
+    # The 24-layer XL encoders behind Canary-1B and Parakeet-TDT-0.6B-v2 take 128 mel bins;
+    # NeMo's recipe table turns xscaling off at this size.
+    "fastconformer-xl": dict(
+        d_model=1024,
+        num_layers=24,
+        num_heads=8,
+        subsampling_conv_channels=256,
+        xscaling=False,
+        features=dict(n_mels=128),
+    ),
+}
+
+
+def encoder_preset(name: str, **overrides: Any) -> EncoderConfig:
+    """The encoder shape called ``name`` (see ``ENCODER_PRESETS``) with some fields replaced."""
+    _choice("encoder preset", name, tuple(ENCODER_PRESETS))
+    return _build(EncoderConfig, {**ENCODER_PRESETS[name], **overrides}, "encoder.")
+
+
+@dataclass
+class AdapterConfig:
+    """Modality adapter: encoder frames [b, t, d_in] to LLM embeddings [b, t', d_out]."""
+
+    type: str = "mlp"  # linear | mlp | conformer
+    stack: int = 1  # linear, mlp: k consecutive frames concatenated; divides the frame rate by k
+    hidden_size: Optional[int] = None  # mlp: hidden width (null: d_out); conformer: width (d_in)
+    num_layers: int = 2  # conformer layers
+    num_heads: int = 8  # conformer attention heads
+    conv_kernel_size: int = 9  # conformer convolution module
+    extra_subsampling: bool = False  # conformer: stack 2 frames first, halving the frame rate
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _choice("adapter.type", self.type, ADAPTER_TYPES)
+        for name in ("stack", "num_layers", "num_heads", "conv_kernel_size"):
+            _positive(f"adapter.{name}", getattr(self, name))
+        if self.hidden_size is not None:
+            _positive("adapter.hidden_size", self.hidden_size)
+        _require(
+            self.conv_kernel_size % 2 == 1,
+            f"adapter.conv_kernel_size={self.conv_kernel_size} must be odd",
+        )
+        _fraction("adapter.dropout", self.dropout)
+        if self.type == "conformer":
+            _require(
+                self.stack == 1,
+                f"adapter.stack={self.stack} applies to linear and mlp adapters; "
+                "the conformer adapter subsamples with adapter.extra_subsampling=true",
+            )
+        else:
+            _require(
+                not self.extra_subsampling,
+                f"adapter.extra_subsampling=true applies to the conformer adapter, not "
+                f"adapter.type={self.type!r}; use adapter.stack=k",
+            )
+
+    @property
+    def subsampling_factor(self) -> int:
+        """Encoder frames per adapter output frame."""
+        if self.type == "conformer":
+            return 2 if self.extra_subsampling else 1
+        return self.stack
+
+
+# ------------------------------------------------------------------------------------------ model
+
+ARCHS = ("salm", "bestow")
+
+
+@dataclass
+class BestowConfig:
+    """BESTOW's cross-attention block before the LLM (first pipeline stage, replicated over TP)."""
+
+    num_layers: int = 2
+    num_heads: int = 8
+    ffn_hidden_size: Optional[int] = None  # null: 4 x the LLM's hidden size
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _positive("bestow.num_layers", self.num_layers)
+        _positive("bestow.num_heads", self.num_heads)
+        if self.ffn_hidden_size is not None:
+            _positive("bestow.ffn_hidden_size", self.ffn_hidden_size)
+        _fraction("bestow.dropout", self.dropout)
+
+
+@dataclass
+class ModelConfig:
+    """How the parts (``llm``, ``encoder``, ``adapter``, ``bestow``) join, and what trains."""
+
+    arch: str = "salm"  # salm: audio spliced into the prompt; bestow: cross-attention first
+    # SALM's audio placeholder token; null: the last id of llm.vocab_size (a reserved token in
+    # Llama 3's vocabulary). The tokenizer must map the placeholder to this id.
+    audio_token_id: Optional[int] = None
+    freeze_llm: bool = False
+    freeze_encoder: bool = False
+    freeze_adapter: bool = False
+
+    def __post_init__(self):
+        _choice("model.arch", self.arch, ARCHS)
+        if self.audio_token_id is not None:
+            _require(
+                self.audio_token_id >= 0,
+                f"model.audio_token_id={self.audio_token_id} must be >= 0",
+            )
+
+
 # ------------------------------------------------------------------------------------------ whole
 
 
 @dataclass
 class Config:
-    """Everything a run needs. Sections grow with the stack (encoder, data, training ...)."""
+    """Everything a run needs. Sections grow with the stack (data, training ...)."""
 
+    model: ModelConfig = field(default_factory=ModelConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    bestow: BestowConfig = field(default_factory=BestowConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 1234
 
     def __post_init__(self):
         self.validate_layout()
+        _require(
+            self.placeholder_id < self.llm.vocab_size,
+            f"model.audio_token_id={self.placeholder_id} is outside the vocabulary "
+            f"0..{self.llm.vocab_size - 1} (llm.vocab_size={self.llm.vocab_size})",
+        )
+        if self.model.arch == "bestow":
+            _require(
+                self.llm.hidden_size % self.bestow.num_heads == 0,
+                f"llm.hidden_size={self.llm.hidden_size} is not divisible by "
+                f"bestow.num_heads={self.bestow.num_heads}",
+            )
 
     def validate_layout(self) -> None:
         validate_layout(self.llm, self.parallel)
+
+    @property
+    def placeholder_id(self) -> int:
+        """The audio placeholder token SALM prompts carry."""
+        audio_token = self.model.audio_token_id
+        return self.llm.vocab_size - 1 if audio_token is None else audio_token
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -348,16 +649,37 @@ def _build(cls, data: Any, prefix: str):
     return cls(**kwargs)
 
 
+def _presets() -> dict[str, dict[str, dict[str, Any]]]:
+    """Sections that can start from a named preset (``llm.preset: llama3-8b``)."""
+    return {"llm": LLM_PRESETS, "encoder": ENCODER_PRESETS}
+
+
+def _preset_section(section: str, name: Any) -> dict[str, Any]:
+    presets = _presets()[section]
+    _choice(f"{section}.preset", name, tuple(presets))
+    return copy.deepcopy(presets[name])
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Build a :class:`Config`; ``llm.preset: NAME`` starts the LLM section from a preset."""
+    """Build a :class:`Config`; ``SECTION.preset: NAME`` starts a section from a preset."""
     data = dict(data)
-    llm = data.get("llm")
-    if isinstance(llm, dict) and "preset" in llm:
-        llm = dict(llm)
-        name = llm.pop("preset")
-        _choice("llm.preset", name, tuple(LLM_PRESETS))
-        data["llm"] = {**LLM_PRESETS[name], **llm}
+    for section in _presets():
+        fields = data.get(section)
+        if isinstance(fields, dict) and "preset" in fields:
+            fields = dict(fields)
+            data[section] = _merge(_preset_section(section, fields.pop("preset")), fields)
     return _build(Config, data, "")
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``, recursing into nested sections."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def load_config(path: str | Path) -> Config:
@@ -393,10 +715,11 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
                     f"override {item!r}: {'.'.join(parents[: i + 1])} is not a section"
                 )
             node = node[part]
-        if key == "llm.preset":
-            _choice("llm.preset", value, tuple(LLM_PRESETS))
+        if leaf == "preset" and len(parents) == 1 and parents[0] in _presets():
+            section = parents[0]
+            defaults = dataclasses.asdict(_build(type(getattr(config, section)), {}, ""))
             node.clear()
-            node.update(dataclasses.asdict(llm_preset(value)))
+            node.update(_merge(defaults, _preset_section(section, value)))
             continue
         if leaf not in node:
             where = ".".join(parents) or "config"

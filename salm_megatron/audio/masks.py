@@ -1,0 +1,26 @@
+"""Length masks and input checks shared by the audio modules (padding must never leak)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def valid_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """``[b, size]`` bool, True at positions before each length (the valid, unpadded ones)."""
+    return torch.arange(size, device=lengths.device) < lengths[:, None]
+
+
+def check_lengths(name: str, lengths: torch.Tensor, batch: int, size: int) -> None:
+    """Reject lengths that do not describe a ``[batch, size, ...]`` padded batch, naming them."""
+    if lengths.dim() != 1 or lengths.size(0) != batch:
+        raise ValueError(
+            f"{name} must have shape [{batch}] (one per item); got {list(lengths.shape)}"
+        )
+    if lengths.is_floating_point() or lengths.is_complex():
+        raise ValueError(f"{name} must be integers; got {lengths.dtype}")
+    if batch and (lengths.min() < 0 or lengths.max() > size):
+        raise ValueError(f"{name}={lengths.tolist()} must lie in [0, {size}] (the padded length)")
+
+
+def ceil_div(lengths: torch.Tensor, k: int) -> torch.Tensor:
+    return (lengths + k - 1) // k

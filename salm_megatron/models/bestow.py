@@ -1,0 +1,146 @@
+"""BESTOW: text embeddings cross-attend to the audio before the LLM; the sequence stays text-length.
+
+A small stack of pre-norm layers (causal self-attention over the text, cross-attention from text
+to audio frames, MLP) runs on the first pipeline stage and adds its result to the token
+embeddings. Output projections start at zero, so an untrained block leaves a pretrained LLM's
+input untouched. Replicated on every TP rank (same inputs, same weights, same gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import BestowConfig
+from .speech_llm import Layout, SpeechLLM, next_token_targets, padded_length
+
+
+class Attention(torch.nn.Module):
+    """Multi-head attention over ``[b, t, h]`` with a boolean key mask (True = attend)."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"bestow: hidden size {hidden} is not divisible by {heads} heads")
+        self.heads, self.dropout = heads, dropout
+        self.query = torch.nn.Linear(hidden, hidden)
+        self.key_value = torch.nn.Linear(hidden, 2 * hidden)
+        self.out = torch.nn.Linear(hidden, hidden)
+        torch.nn.init.zeros_(self.out.weight)
+        torch.nn.init.zeros_(self.out.bias)
+
+    def forward(self, x, memory, key_mask=None, causal=False):
+        b, t, h = x.shape
+
+        def heads(y):  # [b, t, h] -> [b, heads, t, h / heads]
+            return y.view(b, -1, self.heads, h // self.heads).transpose(1, 2)
+
+        key, value = self.key_value(memory).chunk(2, dim=-1)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            heads(self.query(x)),
+            heads(key),
+            heads(value),
+            attn_mask=mask,
+            is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out(out.transpose(1, 2).reshape(b, t, h))
+
+
+class BestowLayer(torch.nn.Module):
+    def __init__(self, hidden: int, cfg: BestowConfig):
+        super().__init__()
+        ffn = cfg.ffn_hidden_size or 4 * hidden
+        self.self_attention_norm = torch.nn.LayerNorm(hidden)
+        self.self_attention = Attention(hidden, cfg.num_heads, cfg.dropout)
+        self.cross_attention_norm = torch.nn.LayerNorm(hidden)
+        self.cross_attention = Attention(hidden, cfg.num_heads, cfg.dropout)
+        self.mlp_norm = torch.nn.LayerNorm(hidden)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(hidden, ffn), torch.nn.GELU(), torch.nn.Linear(ffn, hidden)
+        )
+        torch.nn.init.zeros_(self.mlp[2].weight)
+        torch.nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, x, audio, audio_valid, has_audio):
+        y = self.self_attention_norm(x)
+        x = x + self.self_attention(y, y, causal=True)
+        # Samples without audio attend to their (zero) padding and then drop the result, which
+        # keeps softmax finite and their gradient zero.
+        key_mask = audio_valid | ~has_audio[:, None]
+        cross = self.cross_attention(self.cross_attention_norm(x), audio, key_mask)
+        x = x + cross * has_audio[:, None, None]
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class BestowCrossAttention(torch.nn.Module):
+    """``text [s, b, h]`` + per-sample audio frames -> text-length LLM input ``[s, b, h]``."""
+
+    def __init__(self, hidden: int, cfg: BestowConfig):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(BestowLayer(hidden, cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, text, audio, audio_valid, has_audio):
+        x = text.transpose(0, 1)  # [b, s, h]
+        for layer in self.layers:
+            x = layer(x, audio, audio_valid, has_audio)
+        return x.transpose(0, 1).contiguous()
+
+
+def gather_by_sample(audio, lengths, owner, batch_size):
+    """Concatenate each sample's segments: ``[n, t, h]`` -> ``[b, T, h]`` and a valid mask."""
+    n, t, h = audio.shape
+    per_sample = torch.zeros(batch_size, dtype=torch.long, device=lengths.device)
+    per_sample.index_add_(0, owner, lengths.long())
+    width = max(int(per_sample.max()) if batch_size else 0, 1)
+    index = torch.full((batch_size, width), n * t, dtype=torch.long, device=audio.device)
+    filled = torch.zeros(batch_size, dtype=torch.long)
+    for segment in range(n):
+        sample, length = int(owner[segment]), int(lengths[segment])
+        start = int(filled[sample])
+        index[sample, start : start + length] = segment * t + torch.arange(
+            length, device=audio.device
+        )
+        filled[sample] += length
+    table = torch.cat([audio.reshape(n * t, h), audio.new_zeros(1, h)])
+    valid = torch.arange(width, device=audio.device)[None, :] < per_sample[:, None]
+    return table[index], valid, per_sample > 0
+
+
+class BESTOW(SpeechLLM):
+    """Speech LLM whose text attends to the audio in a block before the LLM."""
+
+    def __init__(self, cfg, **kwargs):
+        super().__init__(cfg, **kwargs)
+        if self.pre_process:
+            self.cross_attention = BestowCrossAttention(cfg.llm.hidden_size, cfg.bestow).to(
+                self.llm.embedding.word_embeddings.weight.dtype
+            )
+
+    def layout(self, batch: dict, sequence_length: int | None) -> Layout:
+        ids, answer = batch["input_ids"], batch["answer_mask"]
+        b, s = ids.shape
+        length = padded_length(s, self.pad_multiple, sequence_length)
+        ids = F.pad(ids, (0, length - s))
+        labels, loss_mask = next_token_targets(ids, F.pad(answer, (0, length - s)).bool())
+        positions = torch.arange(length, device=ids.device).expand(b, length)
+        return Layout(length=length, labels=labels, loss_mask=loss_mask, position_ids=positions)
+
+    def embed(self, batch: dict, layout: Layout) -> torch.Tensor:
+        ids = F.pad(batch["input_ids"], (0, layout.length - batch["input_ids"].shape[1]))
+        text = self.text_embeddings(ids, layout.position_ids)
+        audio, lengths, keep_in_graph = self.encode_audio(batch)
+        owner = batch.get("audio_owner")
+        if owner is None and len(lengths):
+            raise ValueError("BESTOW batches need audio_owner [n]: the sample of each segment")
+        if owner is None:
+            owner = torch.zeros(0, dtype=torch.long, device=ids.device)
+        if len(owner) != len(lengths):
+            raise ValueError(f"audio_owner has {len(owner)} entries for {len(lengths)} segments")
+        if len(owner) and (int(owner.min()) < 0 or int(owner.max()) >= ids.shape[0]):
+            raise ValueError(
+                f"audio_owner {owner.tolist()} names samples outside 0..{ids.shape[0] - 1}"
+            )
+        per_sample, valid, has_audio = gather_by_sample(audio, lengths, owner, ids.shape[0])
+        return self.cross_attention(text, per_sample, valid, has_audio) + keep_in_graph

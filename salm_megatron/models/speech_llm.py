@@ -1,0 +1,209 @@
+"""What SALM and BESTOW share: the audio path on the first pipeline stage around a Megatron LLM.
+
+A batch is text with answer marks plus audio segments:
+
+- ``input_ids [b, s]``: prompt and answer tokens, right-padded. SALM prompts hold one
+  audio placeholder token (``Config.placeholder_id``) per audio segment.
+- ``answer_mask [b, s]``: 1 on the tokens the model must learn to produce (answer + EOS).
+- ``audio [n, samples]`` and ``audio_lengths [n]``: the segments, in the order their samples (and,
+  for SALM, their placeholders) appear in the batch; ``n`` may be 0.
+- ``audio_owner [n]`` (BESTOW): the sample each segment belongs to.
+
+The model predicts every next token; the loss keeps the positions whose next token is an answer
+token. ``forward`` returns, on the last pipeline stage, the per-position loss ``[b, S]`` with all
+other positions zeroed, so a loss function only sums it and divides by ``answer_mask.sum()``.
+Everything the last stage needs (the sequence layout) is computed from the integer inputs alone,
+so later stages never hold the encoder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+
+from ..audio import FastConformerEncoder, LogMelFeatures, SpecAugment, build_adapter
+from ..audio.adapters import adapter_output_lengths
+from ..audio.fastconformer import encoder_output_lengths
+from ..audio.features import feature_lengths
+from ..config import Config
+from ..llm import build_llm
+
+
+class AudioPath(torch.nn.Module):
+    """Audio -> log-mel -> SpecAugment (training only) -> FastConformer -> adapter."""
+
+    def __init__(self, cfg: Config, params_dtype: torch.dtype):
+        super().__init__()
+        self.features = LogMelFeatures(cfg.encoder.features)
+        self.spec_augment = SpecAugment(cfg.encoder.spec_augment)
+        self.encoder = FastConformerEncoder(cfg.encoder)
+        self.adapter = build_adapter(cfg.adapter, cfg.encoder.d_model, cfg.llm.hidden_size)
+        self.to(params_dtype)
+
+    def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor):
+        """[n, samples] -> embeddings [n, t, h] in the LLM's width, and their lengths [n]."""
+        features, lengths = self.features(audio.float(), audio_lengths)
+        if self.training:
+            features = self.spec_augment(features, lengths)
+        dtype = next(self.encoder.parameters()).dtype
+        encoded, lengths = self.encoder(features.to(dtype), lengths)
+        return self.adapter(encoded, lengths)
+
+
+def embedding_lengths(cfg: Config, audio_lengths: torch.Tensor) -> torch.Tensor:
+    """Frames each segment becomes after features, encoder and adapter (no weights needed)."""
+    lengths = feature_lengths(cfg.encoder.features, audio_lengths)
+    return adapter_output_lengths(cfg.adapter, encoder_output_lengths(cfg.encoder, lengths))
+
+
+@dataclass
+class Layout:
+    """Where things sit in the LLM's sequence of one micro-batch (same on every stage)."""
+
+    length: int  # S, padded
+    labels: torch.Tensor  # [b, S] next token at each position
+    loss_mask: torch.Tensor  # [b, S] 1 where the next token is an answer token
+    position_ids: torch.Tensor  # [b, S]
+
+
+def next_token_targets(
+    ids: torch.Tensor, answer: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and loss mask for next-token prediction over ``ids [b, S]`` (last position: none)."""
+    labels = torch.zeros_like(ids)
+    labels[:, :-1] = ids[:, 1:]
+    loss_mask = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    loss_mask[:, :-1] = answer[:, 1:].float()
+    return labels, loss_mask
+
+
+def padded_length(length: int, multiple: int, requested: int | None) -> int:
+    """``length`` rounded up to ``multiple``, or the requested fixed length (pipeline shapes)."""
+    if requested is None:
+        return math.ceil(length / multiple) * multiple
+    if requested < length or requested % multiple:
+        raise ValueError(
+            f"sequence_length={requested} must be >= the batch's {length} positions and a "
+            f"multiple of {multiple}"
+        )
+    return requested
+
+
+class SpeechLLM(MegatronModule):
+    """One pipeline chunk of a speech LLM; subclasses decide how audio enters the sequence."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        params_dtype: torch.dtype = torch.float32,
+        vp_stage: int | None = None,
+    ):
+        parallel = cfg.parallel
+        llm = build_llm(
+            cfg.llm,
+            parallel,
+            params_dtype=params_dtype,
+            vp_stage=vp_stage,
+            scatter_embedding_sequence_parallel=False,
+        )
+        super().__init__(config=llm.config)
+        self.cfg = cfg
+        self.llm = llm
+        self.pre_process, self.post_process = llm.pre_process, llm.post_process
+        self.vp_stage = vp_stage
+        # Sequence multiple: SP splits it over TP ranks; FP8 GEMMs want multiples of 16.
+        self.pad_multiple = math.lcm(
+            parallel.tensor_model_parallel_size,
+            16 if cfg.llm.fp8 else 1,
+            2 * parallel.context_parallel_size if parallel.context_parallel_size > 1 else 1,
+        )
+        if self.pre_process:
+            self.audio = AudioPath(cfg, params_dtype)
+        self._freeze()
+
+    def _freeze(self):
+        frozen = {
+            "llm": self.cfg.model.freeze_llm,
+            "audio.encoder": self.cfg.model.freeze_encoder,
+            "audio.adapter": self.cfg.model.freeze_adapter,
+        }
+        for name, param in self.named_parameters():
+            if any(name.startswith(prefix + ".") and on for prefix, on in frozen.items()):
+                param.requires_grad_(False)
+
+    # What Megatron's schedules and finalize_model_grads look up on a model chunk.
+
+    def set_input_tensor(self, input_tensor):
+        """Pipeline stages after the first receive hidden states here."""
+        self.llm.set_input_tensor(input_tensor)
+
+    @property
+    def model_type(self):
+        return self.llm.model_type
+
+    @property
+    def decoder(self):
+        return self.llm.decoder
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.llm.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        """The tied embedding, all-reduced between the first and last stage."""
+        return self.llm.shared_embedding_or_output_weight()
+
+    # -- subclasses --------------------------------------------------------------------------
+
+    def layout(self, batch: dict, sequence_length: int | None) -> Layout:
+        raise NotImplementedError
+
+    def embed(self, batch: dict, layout: Layout) -> torch.Tensor:
+        """First stage: the LLM's input ``[S, b, h]`` (full sequence, before SP scatter)."""
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------
+
+    def encode_audio(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Audio embeddings ``[n, t, h]``, lengths ``[n]``, and a zero that keeps the audio path in
+        the autograd graph when the micro-batch has no audio (every rank then produces the same
+        gradient buckets; DDP would wait forever for the missing ones)."""
+        audio, lengths = batch.get("audio"), batch.get("audio_lengths")
+        if audio is not None and len(audio):
+            emb, emb_lengths = self.audio(audio, lengths)
+            return emb, emb_lengths, emb.new_zeros(())
+        sample_rate = self.cfg.encoder.features.sample_rate
+        silence = torch.zeros(
+            1, sample_rate // 10, device=self.llm.embedding.word_embeddings.weight.device
+        )
+        emb, _ = self.audio(silence, torch.tensor([silence.shape[1]], device=silence.device))
+        empty = emb[:0]
+        return empty, torch.zeros(0, dtype=torch.long, device=emb.device), emb.sum() * 0.0
+
+    def forward(self, batch: dict, sequence_length: int | None = None) -> torch.Tensor:
+        """Last stage: masked per-position loss ``[b, S]``; other stages: hidden states."""
+        layout = self.layout(batch, sequence_length)
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed(batch, layout)
+            if self.config.sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        output = self.llm(
+            input_ids=None,
+            position_ids=layout.position_ids,
+            attention_mask=None,
+            decoder_input=decoder_input,
+            labels=layout.labels if self.post_process else None,
+        )
+        if self.post_process:
+            return output * layout.loss_mask
+        return output
+
+    def text_embeddings(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[s, b, h]`` from the LLM's (vocab-parallel) embedding."""
+        return self.llm.embedding(input_ids=ids, position_ids=position_ids)

@@ -1,0 +1,75 @@
+"""Tiny speech-model configs and deterministic (audio, text) samples shared by the tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from salm_megatron.config import (
+    AdapterConfig,
+    BestowConfig,
+    Config,
+    EncoderConfig,
+    ModelConfig,
+    ParallelConfig,
+    SpecAugmentConfig,
+)
+from salm_megatron.data import SpeechSample
+
+AUDIO_TOKEN = 255
+SAMPLE_RATE = 16000
+
+
+def tiny_config(arch: str, parallel: ParallelConfig | None = None, **model) -> Config:
+    """Tiny LLM + tiny FastConformer, dropout and SpecAugment off (deterministic gradients)."""
+    encoder = EncoderConfig(
+        dropout=0.0,
+        dropout_pre_encoder=0.0,
+        dropout_att=0.0,
+        spec_augment=SpecAugmentConfig(freq_masks=0, time_masks=0),
+    )
+    return Config(
+        model=ModelConfig(arch=arch, audio_token_id=AUDIO_TOKEN, **model),
+        encoder=encoder,
+        adapter=AdapterConfig(type="mlp", stack=2, hidden_size=128),
+        bestow=BestowConfig(num_layers=2, num_heads=4),
+        parallel=parallel or ParallelConfig(),
+    )
+
+
+def waveform(seconds: float, seed: int, f0: float | None = None) -> torch.Tensor:
+    """A deterministic speech-like signal: drifting harmonics under an envelope, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    f0 = 100 + 150 * torch.rand(1, generator=g) if f0 is None else f0
+    phase = 2 * math.pi * f0 * (t + 0.3 * t**2)
+    wave = sum(torch.sin(k * phase) / k for k in range(1, 5))
+    envelope = 0.5 * (1 - torch.cos(2 * math.pi * t * (2 + 3 * torch.rand(1, generator=g))))
+    return 0.3 * wave * envelope + 0.01 * torch.randn(len(t), generator=g)
+
+
+def prompt(tokens: list[int], arch: str, segments: int) -> list[int]:
+    """SALM prompts carry one placeholder per segment; BESTOW prompts are text only."""
+    return [1, *([AUDIO_TOKEN] * segments if arch == "salm" else []), *tokens]
+
+
+def speech_samples(arch: str) -> list[SpeechSample]:
+    """Four samples: audio of different lengths, one with two segments, one text-only."""
+    specs = [  # (segment seconds, prompt tokens, answer tokens)
+        ([0.41], [5, 6], [20, 21, 22, 2]),
+        ([0.23, 0.37], [7], [23, 24, 2]),
+        ([0.88], [5, 6, 8], [25, 26, 27, 28, 2]),
+        ([], [9, 10, 11], [29, 2]),
+    ]
+    samples = []
+    for i, (seconds, prompt_tokens, answer) in enumerate(specs):
+        ids = prompt(prompt_tokens, arch, len(seconds))
+        samples.append(
+            SpeechSample(
+                input_ids=ids + answer,
+                answer_mask=[0] * len(ids) + [1] * len(answer),
+                audio=[waveform(s, seed=10 * i + j) for j, s in enumerate(seconds)],
+            )
+        )
+    return samples

@@ -1,0 +1,156 @@
+"""Proves SALM/BESTOW layouts, masks, the no-audio path, freezing, checkpoint coverage, learning."""
+
+import pytest
+import torch
+
+from salm_megatron.data import SpeechSample, collate
+from salm_megatron.models import build_speech_llm
+from salm_megatron.models.salm import splice_layout
+from tests.speech_fixtures import (
+    AUDIO_TOKEN,
+    prompt,
+    speech_samples,
+    tiny_config,
+    waveform,
+)
+
+ARCHS = ("salm", "bestow")
+
+
+def _model(arch, **overrides):
+    torch.manual_seed(0)
+    (model,) = build_speech_llm(tiny_config(arch, **overrides))
+    if arch == "bestow":  # leave the zero-initialised start so the audio matters to the loss
+        with torch.no_grad():
+            for p in model.cross_attention.parameters():
+                if p.abs().sum() == 0:
+                    p.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def _position_losses(model, batch):
+    with torch.no_grad():
+        return model(batch)
+
+
+def test_splice_layout_places_each_segment_at_its_placeholder():
+    ids = torch.tensor([[1, AUDIO_TOKEN, 5, AUDIO_TOKEN, 6, 7], [1, 8, AUDIO_TOKEN, 9, 0, 0]])
+    answer = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 0, 0]])
+    layout = splice_layout(ids, answer, torch.tensor([2, 3, 1]), AUDIO_TOKEN, multiple=4)
+    # sample 0: 1 | a0 a0 | 5 | a1 a1 a1 | 6 7 -> 10 positions; sample 1: 1 8 | a2 | 9 0 0 -> 6
+    assert layout.length == 12
+    assert layout.text_position[0].tolist() == [0, -1, -1, 2, -1, -1, -1, 4, 5, -1, -1, -1]
+    assert layout.audio_segment[0].tolist() == [-1, 0, 0, -1, 1, 1, 1, -1, -1, -1, -1, -1]
+    assert layout.audio_frame[0, 4:7].tolist() == [0, 1, 2]
+    assert layout.audio_segment[1, 2] == 2 and layout.text_position[1, 3] == 3
+    # The loss falls on the positions just before each answer token.
+    assert layout.loss_mask[0].nonzero().flatten().tolist() == [6, 7]
+    assert layout.labels[0, 6:8].tolist() == [6, 7]
+    assert layout.loss_mask[1].nonzero().flatten().tolist() == [2]  # the audio frame predicts 9
+    assert layout.labels[1, 2] == 9
+
+
+def test_splice_layout_rejects_mismatched_placeholders():
+    ids = torch.tensor([[1, AUDIO_TOKEN, 5]])
+    with pytest.raises(ValueError, match="1 audio placeholders .* but 2 audio segments"):
+        splice_layout(ids, torch.zeros_like(ids), torch.tensor([2, 2]), AUDIO_TOKEN, 1)
+    with pytest.raises(ValueError, match="answer_mask marks an audio placeholder"):
+        splice_layout(ids, torch.tensor([[0, 1, 0]]), torch.tensor([2]), AUDIO_TOKEN, 1)
+    with pytest.raises(ValueError, match="sequence_length=4 must be >= the batch's 5 positions"):
+        splice_layout(ids, torch.zeros_like(ids), torch.tensor([3]), AUDIO_TOKEN, 1, 4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_masks_keep_the_loss_where_it_belongs(single_rank, arch):
+    model = _model(arch)
+    batch = collate(speech_samples(arch))
+    base = _position_losses(model, batch)
+    answer_positions = base != 0
+    assert answer_positions.sum() == batch["answer_mask"].sum()  # one loss per answer token
+
+    # Audio padding (beyond each segment's length) never matters.
+    padded = dict(batch, audio=batch["audio"].clone())
+    for j, length in enumerate(batch["audio_lengths"].tolist()):
+        padded["audio"][j, length:] = torch.randn(padded["audio"].shape[1] - length)
+    torch.testing.assert_close(_position_losses(model, padded), base, rtol=0, atol=0)
+
+    # Extra text padding never matters.
+    longer = dict(batch)
+    longer["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, 5), value=77)
+    longer["answer_mask"] = torch.nn.functional.pad(batch["answer_mask"], (0, 5))
+    torch.testing.assert_close(_position_losses(model, longer)[:, : base.shape[1]], base)
+
+    # A prompt token changes that sample's answer losses only, and never adds prompt losses.
+    edited = dict(batch, input_ids=batch["input_ids"].clone())
+    prompt_pos = int(batch["answer_mask"][1].nonzero()[0]) - 1  # the last prompt token
+    edited["input_ids"][1, prompt_pos] = 123
+    changed = _position_losses(model, edited)
+    assert ((changed != 0) == answer_positions).all()
+    assert not torch.allclose(changed[1], base[1])
+    torch.testing.assert_close(changed[[0, 2, 3]], base[[0, 2, 3]])
+
+    # Real audio frames change their own sample's answer losses.
+    other = dict(batch, audio=batch["audio"].clone())
+    length = int(batch["audio_lengths"][0])
+    other["audio"][0, :length] = waveform(length / 16000, seed=99)[:length]
+    changed = _position_losses(model, other)
+    assert not torch.allclose(changed[0], base[0])
+    torch.testing.assert_close(changed[3], base[3])  # the text-only sample is untouched
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_micro_batch_without_audio_keeps_the_audio_path_in_the_graph(single_rank, arch):
+    model = _model(arch).train()
+    text_only = [s for s in speech_samples(arch) if not s.audio]
+    batch = collate(text_only * 2)
+    assert batch["audio"].shape[0] == 0
+    model(batch).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} fell out of the graph"
+        # What reads audio contributes nothing (BESTOW's text self-attention and MLP still run).
+        if name.startswith("audio.") or ".cross_attention" in name:
+            assert not p.grad.any(), f"{name} got a non-zero gradient without audio"
+
+
+def test_freeze_switches(single_rank):
+    model = _model("salm", freeze_llm=True, freeze_encoder=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("audio.adapter.") for n in trainable)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sharded_state_dict_covers_every_part(single_rank, arch):
+    model = _model(arch)
+    state_keys = set(model.state_dict())
+    sharded = model.sharded_state_dict()
+    missing = {k for k in state_keys if k not in sharded and not k.endswith("_extra_state")}
+    assert not missing, f"not in the sharded state dict: {sorted(missing)[:5]}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_model_overfits_eight_pairs(single_rank, arch):
+    """Eight clips, each with its own 3-token answer to the same prompt: only the audio tells them
+    apart, so near-zero loss means the audio path carries the information end to end."""
+    g = torch.Generator().manual_seed(3)
+    samples = []
+    for i in range(8):
+        ids = prompt([5], arch, 1)
+        answer = torch.randint(20, 200, (3,), generator=g).tolist() + [2]
+        clip = waveform(0.3 + 0.02 * i, seed=i, f0=100 + 50 * i)
+        samples.append(SpeechSample(ids + answer, [0] * len(ids) + [1] * 4, [clip]))
+    batch = collate(samples)
+    torch.manual_seed(0)
+    (model,) = build_speech_llm(tiny_config(arch))
+    steps = 250
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, 3e-3, total_steps=steps, pct_start=0.1
+    )
+    tokens = batch["answer_mask"].sum()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(batch).sum() / tokens
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    assert loss.item() < 0.05, f"{arch} did not overfit: loss {loss.item():.3f}"
