@@ -1,0 +1,148 @@
+"""``salm bench``: encoder throughput and SALM vs BESTOW step time on this machine.
+
+One process (TP=PP=1) on the GPU when there is one, else the CPU. Prints:
+
+- encoder: features + FastConformer + adapter forward on ``--batch`` clips of ``--seconds``,
+  in audio seconds per second (inference, no gradients);
+- SALM and BESTOW: forward + backward of the whole model on the same batch (the same audio and
+  text), in seconds per step, with the length of the sequence the LLM reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from .config import Config, ConfigError, apply_overrides
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time(fn, warmup: int, repeats: int) -> float:
+    """Median seconds of ``fn()`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _batch(cfg: Config, batch: int, seconds: float, prompt: int, answer: int, device) -> dict:
+    """``batch`` clips of noise-like audio, each with a ``prompt``-token prompt and an answer."""
+    from .data import SpeechSample, collate
+
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(batch):
+        audio = 0.1 * torch.randn(int(seconds * cfg.encoder.features.sample_rate), generator=g)
+        text = torch.randint(0, cfg.placeholder_id, (prompt + answer,), generator=g).tolist()
+        placeholder = [cfg.placeholder_id] if cfg.model.arch == "salm" else []
+        ids = placeholder + text
+        mask = [0] * (len(placeholder) + prompt) + [1] * answer
+        samples.append(SpeechSample(ids, mask, [audio]))
+    return {k: v.to(device) for k, v in collate(samples).items()}
+
+
+def run(cfg: Config, args) -> None:
+    from . import parallel
+    from .models import build_speech_llm
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
+    parallel.initialize(cfg.parallel, seed=cfg.seed, rank=0, world_size=1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
+    audio_seconds = args.batch * args.seconds
+    print(f"device {where}, {args.dtype}; batch {args.batch} x {args.seconds:g} s of audio")
+    print(
+        f"encoder d_model {cfg.encoder.d_model} x {cfg.encoder.num_layers} layers, adapter "
+        f"{cfg.adapter.type}; LLM hidden {cfg.llm.hidden_size} x {cfg.llm.num_layers} layers"
+    )
+
+    results = {}
+    for arch in ("salm", "bestow"):
+        arch_cfg = apply_overrides(cfg, [f"model.arch={arch}"])
+        torch.manual_seed(cfg.seed)
+        (model,) = build_speech_llm(arch_cfg, params_dtype=dtype)
+        model.to(device)
+        batch = _batch(arch_cfg, args.batch, args.seconds, args.prompt, args.answer, device)
+        if arch == "salm":
+            model.eval()
+            with torch.no_grad():
+                encode = _time(
+                    lambda: model.audio(batch["audio"], batch["audio_lengths"]),
+                    args.warmup,
+                    args.repeats,
+                )
+            print(
+                f"encoder forward: {encode * 1e3:8.1f} ms/batch  "
+                f"{audio_seconds / encode:9.1f} audio s/s"
+            )
+        model.train()
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(batch).float().sum().backward()
+
+        results[arch] = (_time(step, args.warmup, args.repeats), model.layout(batch, None).length)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    for arch, (seconds, length) in results.items():
+        print(
+            f"{arch:>6} forward+backward: {seconds * 1e3:8.1f} ms/step  LLM sequence {length:5d}  "
+            f"{audio_seconds / seconds:8.1f} audio s/s"
+        )
+    ratio = results["salm"][0] / results["bestow"][0]
+    print(f"SALM / BESTOW step time: {ratio:.2f}")
+    parallel.teardown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="salm bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: salm bench encoder.preset=fastconformer-large --batch 4 --seconds 10",
+    )
+    parser.add_argument("overrides", nargs="*", help="config key.sub=value overrides")
+    parser.add_argument("--batch", type=int, default=4, help="clips per batch (default 4)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="clip length (default 10)")
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
+    parser.add_argument("--answer", type=int, default=48, help="answer tokens (default 48)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs; median (default 3)")
+    args = parser.parse_args(argv)
+    for name in ("batch", "prompt", "answer", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)} must be at least 1")
+    if not 0 < args.seconds <= 600 or math.isnan(args.seconds):
+        parser.error(f"--seconds={args.seconds} must be in (0, 600]")
+    try:
+        cfg = apply_overrides(Config(), args.overrides)
+    except ConfigError as err:
+        print(f"salm bench: error: {err}", file=sys.stderr)
+        return 2
+    run(cfg, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
