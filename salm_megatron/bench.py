@@ -57,60 +57,58 @@ def _batch(cfg: Config, batch: int, seconds: float, prompt: int, answer: int, de
     return {k: v.to(device) for k, v in collate(samples).items()}
 
 
+def _measure(cfg: Config, args, device, dtype) -> tuple[float, float, int]:
+    """Encoder forward time, model forward+backward time and LLM sequence length for one arch."""
+    from .models import build_speech_llm
+
+    torch.manual_seed(cfg.seed)
+    (model,) = build_speech_llm(cfg, params_dtype=dtype)
+    model.to(device)
+    batch = _batch(cfg, args.batch, args.seconds, args.prompt, args.answer, device)
+    model.eval()
+    with torch.no_grad():
+        encode = _time(
+            lambda: model.audio(batch["audio"], batch["audio_lengths"]), args.warmup, args.repeats
+        )
+    model.train()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(batch).float().sum().backward()
+
+    return encode, _time(step, args.warmup, args.repeats), model.layout(batch, None).length
+
+
 def run(cfg: Config, args) -> None:
     from . import parallel
-    from .models import build_speech_llm
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
     parallel.initialize(cfg.parallel, seed=cfg.seed, rank=0, world_size=1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
+    on_gpu = device.type == "cuda"
+    where = torch.cuda.get_device_name() if on_gpu else f"CPU x{torch.get_num_threads()}"
     audio_seconds = args.batch * args.seconds
     print(f"device {where}, {args.dtype}; batch {args.batch} x {args.seconds:g} s of audio")
     print(
         f"encoder d_model {cfg.encoder.d_model} x {cfg.encoder.num_layers} layers, adapter "
         f"{cfg.adapter.type}; LLM hidden {cfg.llm.hidden_size} x {cfg.llm.num_layers} layers"
     )
-
     results = {}
     for arch in ("salm", "bestow"):
-        arch_cfg = apply_overrides(cfg, [f"model.arch={arch}"])
-        torch.manual_seed(cfg.seed)
-        (model,) = build_speech_llm(arch_cfg, params_dtype=dtype)
-        model.to(device)
-        batch = _batch(arch_cfg, args.batch, args.seconds, args.prompt, args.answer, device)
-        if arch == "salm":
-            model.eval()
-            with torch.no_grad():
-                encode = _time(
-                    lambda: model.audio(batch["audio"], batch["audio_lengths"]),
-                    args.warmup,
-                    args.repeats,
-                )
-            print(
-                f"encoder forward: {encode * 1e3:8.1f} ms/batch  "
-                f"{audio_seconds / encode:9.1f} audio s/s"
-            )
-        model.train()
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            model(batch).float().sum().backward()
-
-        results[arch] = (_time(step, args.warmup, args.repeats), model.layout(batch, None).length)
-        del model
-        if device.type == "cuda":
+        results[arch] = _measure(apply_overrides(cfg, [f"model.arch={arch}"]), args, device, dtype)
+        if on_gpu:
             torch.cuda.empty_cache()
 
-    for arch, (seconds, length) in results.items():
+    encode = results["salm"][0]
+    print(f"encoder forward: {encode * 1e3:8.1f} ms/batch  {audio_seconds / encode:9.1f} audio s/s")
+    for arch, (_, seconds, length) in results.items():
         print(
             f"{arch:>6} forward+backward: {seconds * 1e3:8.1f} ms/step  LLM sequence {length:5d}  "
             f"{audio_seconds / seconds:8.1f} audio s/s"
         )
-    ratio = results["salm"][0] / results["bestow"][0]
-    print(f"SALM / BESTOW step time: {ratio:.2f}")
+    print(f"SALM / BESTOW step time: {results['salm'][1] / results['bestow'][1]:.2f}")
     parallel.teardown()
 
 

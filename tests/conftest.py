@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -40,6 +41,18 @@ def launch(
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}")
     return output
+
+
+def nemo_reference():
+    """tools/check_nemo_reference.py, where NeMo can be imported (else the test is skipped)."""
+    pytest.importorskip(
+        "nemo.collections.asr", reason="NeMo is the reference here: pip install nemo-toolkit[asr]"
+    )
+    path = REPO / "tools" / "check_nemo_reference.py"
+    spec = importlib.util.spec_from_file_location("check_nemo_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_collection_modifyitems(config, items):

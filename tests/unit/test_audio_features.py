@@ -1,8 +1,6 @@
 """Proves log-mel features are NeMo's and padding-proof; SpecAugment masks valid frames only."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,20 +14,7 @@ from salm_megatron.audio import (
 )
 from salm_megatron.audio.features import hz_to_mel, mel_to_hz
 from salm_megatron.config import ConfigError, FeatureConfig, SpecAugmentConfig
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def nemo_reference():
-    """tools/check_nemo_reference.py, where NeMo can be imported (else the test is skipped)."""
-    pytest.importorskip(
-        "nemo.collections.asr", reason="NeMo is the reference here: pip install nemo-toolkit[asr]"
-    )
-    path = REPO / "tools" / "check_nemo_reference.py"
-    spec = importlib.util.spec_from_file_location("check_nemo_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import nemo_reference
 
 
 def speechlike(n: int, seed: int) -> torch.Tensor:

@@ -29,3 +29,23 @@ def test_unknown_command_and_help(capsys):
     assert "unknown command 'trian'" in capsys.readouterr().err
     assert main(["--help"]) == 0
     assert "example: salm demo" in capsys.readouterr().out
+
+
+def test_bench_prints_its_figures():
+    """The benchmark itself (tiny sizes): runs end to end and prints every figure."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "salm_megatron.cli", "bench", "--batch", "2", "--seconds", "1",
+         "--warmup", "0", "--repeats", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for figure in (
+        "audio s/s",
+        "salm forward+backward",
+        "bestow forward+backward",
+        "SALM / BESTOW",
+    ):
+        assert figure in proc.stdout

@@ -1,8 +1,6 @@
 """Proves the FastConformer is NeMo's encoder: outputs, lengths, padding-proof, preset sizes."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,20 +13,7 @@ from salm_megatron.audio import (
 )
 from salm_megatron.audio.fastconformer import RelPositionalEncoding, attention_mask
 from salm_megatron.config import ConfigError, EncoderConfig, _build, encoder_preset
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def nemo_reference():
-    """tools/check_nemo_reference.py, where NeMo can be imported (else the test is skipped)."""
-    pytest.importorskip(
-        "nemo.collections.asr", reason="NeMo is the reference here: pip install nemo-toolkit[asr]"
-    )
-    path = REPO / "tools" / "check_nemo_reference.py"
-    spec = importlib.util.spec_from_file_location("check_nemo_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import nemo_reference
 
 
 def tiny_encoder(**overrides) -> FastConformerEncoder:
