@@ -181,7 +181,13 @@ class SpeechLLM(MegatronModule):
         silence = torch.zeros(
             1, sample_rate // 10, device=self.llm.embedding.word_embeddings.weight.device
         )
-        emb, _ = self.audio(silence, torch.tensor([silence.shape[1]], device=silence.device))
+        # In eval mode, so the silence leaves BatchNorm's running statistics alone.
+        was_training = self.audio.training
+        self.audio.eval()
+        try:
+            emb, _ = self.audio(silence, torch.tensor([silence.shape[1]], device=silence.device))
+        finally:
+            self.audio.train(was_training)
         empty = emb[:0]
         return empty, torch.zeros(0, dtype=torch.long, device=emb.device), emb.sum() * 0.0
 

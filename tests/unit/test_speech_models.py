@@ -104,7 +104,11 @@ def test_micro_batch_without_audio_keeps_the_audio_path_in_the_graph(single_rank
     text_only = [s for s in speech_samples(arch) if not s.audio]
     batch = collate(text_only * 2)
     assert batch["audio"].shape[0] == 0
+    statistics = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
     model(batch).sum().backward()
+    assert model.audio.training, "the audio path must stay in training mode"
+    for key, before in statistics.items():  # the stand-in silence does not train BatchNorm
+        torch.testing.assert_close(model.state_dict()[key], before, rtol=0, atol=0)
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} fell out of the graph"
         # What reads audio contributes nothing (BESTOW's text self-attention and MLP still run).
