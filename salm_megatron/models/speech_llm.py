@@ -60,6 +60,26 @@ def embedding_lengths(cfg: Config, audio_lengths: torch.Tensor) -> torch.Tensor:
     return adapter_output_lengths(cfg.adapter, encoder_output_lengths(cfg.encoder, lengths))
 
 
+def check_batch(batch: dict) -> None:
+    """Name what is missing or inconsistent in a batch instead of failing deep inside."""
+    missing = [key for key in ("input_ids", "answer_mask") if key not in batch]
+    if missing:
+        raise KeyError(f"the batch has no {', '.join(missing)} (it has {', '.join(sorted(batch))})")
+    ids, answer = batch["input_ids"], batch["answer_mask"]
+    if ids.dim() != 2 or answer.shape != ids.shape:
+        raise ValueError(
+            f"input_ids {list(ids.shape)} and answer_mask {list(answer.shape)} must both be [b, s]"
+        )
+    audio, lengths = batch.get("audio"), batch.get("audio_lengths")
+    if (audio is None) != (lengths is None):
+        raise ValueError("the batch needs both audio and audio_lengths, or neither")
+    if audio is not None and (audio.dim() != 2 or lengths.shape != (audio.shape[0],)):
+        raise ValueError(
+            f"audio {list(audio.shape)} must be [n, samples] with audio_lengths [n], "
+            f"got audio_lengths {list(lengths.shape)}"
+        )
+
+
 @dataclass
 class Layout:
     """Where things sit in the LLM's sequence of one micro-batch (same on every stage)."""
@@ -193,6 +213,7 @@ class SpeechLLM(MegatronModule):
 
     def forward(self, batch: dict, sequence_length: int | None = None) -> torch.Tensor:
         """Last stage: masked per-position loss ``[b, S]``; other stages: hidden states."""
+        check_batch(batch)
         layout = self.layout(batch, sequence_length)
         decoder_input = None
         if self.pre_process:

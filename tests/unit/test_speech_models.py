@@ -158,3 +158,16 @@ def test_tiny_model_overfits_eight_pairs(single_rank, arch):
         optimizer.step()
         schedule.step()
     assert loss.item() < 0.05, f"{arch} did not overfit: loss {loss.item():.3f}"
+
+
+def test_bad_batches_are_named(single_rank):
+    model = _model("salm")
+    batch = collate(speech_samples("salm"))
+    with pytest.raises(KeyError, match="the batch has no answer_mask"):
+        model({k: v for k, v in batch.items() if k != "answer_mask"})
+    with pytest.raises(ValueError, match=r"answer_mask \[4, 5\] must both be \[b, s\]"):
+        model(dict(batch, answer_mask=batch["answer_mask"][:, :5]))
+    with pytest.raises(ValueError, match="both audio and audio_lengths, or neither"):
+        model({k: v for k, v in batch.items() if k != "audio_lengths"})
+    with pytest.raises(ValueError, match=r"audio_lengths \[3\]"):
+        model(dict(batch, audio_lengths=batch["audio_lengths"][:3]))
