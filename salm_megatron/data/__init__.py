@@ -1,5 +1,18 @@
-"""Data: plain tensors for the models (never imports models)."""
+"""Data: audio I/O, tokenizers, prompts and batches of plain tensors (never imports models)."""
 
 from .collate import SpeechSample, collate
+from .prompts import DEFAULT_INSTRUCTIONS, PROMPT_FORMATS, Prompt, build_prompt, instruction
+from .tokenizers import AUDIO_TOKEN, Tokenizer, load_tokenizer
 
-__all__ = ["SpeechSample", "collate"]
+__all__ = [
+    "AUDIO_TOKEN",
+    "DEFAULT_INSTRUCTIONS",
+    "PROMPT_FORMATS",
+    "Prompt",
+    "SpeechSample",
+    "Tokenizer",
+    "build_prompt",
+    "collate",
+    "instruction",
+    "load_tokenizer",
+]

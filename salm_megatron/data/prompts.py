@@ -1,0 +1,76 @@
+"""Prompt formats: a sample's instruction and answer as token ids with an answer-only loss mask.
+
+The prompt (instruction, chat headers, audio placeholders) is context; the answer and its end
+token (EOS, or ``<|eot_id|>`` for Llama 3 chat) are what the model learns to produce, so only they
+are marked in ``answer_mask``. SALM prompts carry one audio placeholder per segment at the start
+of the user turn; BESTOW prompts carry none (``audio_segments=0``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .tokenizers import Tokenizer
+
+PROMPT_FORMATS = ("plain", "llama2", "llama3")
+
+# Used when a sample has no context of its own.
+DEFAULT_INSTRUCTIONS = {
+    "asr": "Transcribe the audio.",
+    "ast": "Translate the audio into {lang}.",
+    "slu": "What does the speaker ask for?",
+}
+
+
+@dataclass
+class Prompt:
+    input_ids: list[int]
+    answer_mask: list[int]  # 1 on the answer tokens and the end token
+
+
+def instruction(task: Optional[str], context: Optional[str], lang: Optional[str] = None) -> str:
+    """The sample's own context, else its task's default instruction."""
+    if context:
+        return context
+    template = DEFAULT_INSTRUCTIONS.get(task or "")
+    if template is None:
+        raise ValueError(
+            f"the sample has no context and task {task!r} has no default instruction "
+            f"(tasks with one: {', '.join(DEFAULT_INSTRUCTIONS)})"
+        )
+    if "{lang}" in template and not lang:
+        raise ValueError(f"task {task!r} needs the sample's lang for its default instruction")
+    return template.format(lang=lang)
+
+
+def build_prompt(
+    tokenizer: Tokenizer,
+    fmt: str,
+    context: str,
+    answer: str,
+    audio_segments: int = 1,
+) -> Prompt:
+    """Token ids and answer mask of one sample in format ``fmt``."""
+    audio = [tokenizer.audio_token_id] * audio_segments
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    if fmt == "plain":  # "Q: {context}\nA: {answer}"
+        prompt = bos + audio + tokenizer.encode(f"Q: {context}\nA:")
+        reply = tokenizer.encode(" " + answer) + [tokenizer.eos_id]
+    elif fmt == "llama2":  # "<s>[INST] {context} [/INST] {answer} </s>"
+        prompt = bos + tokenizer.encode("[INST] ") + audio + tokenizer.encode(f"{context} [/INST]")
+        reply = tokenizer.encode(" " + answer) + [tokenizer.eos_id]
+    elif fmt == "llama3":
+        header = [tokenizer.require("<|start_header_id|>")]
+        end_header = [tokenizer.require("<|end_header_id|>")]
+        eot = [tokenizer.require("<|eot_id|>")]
+        prompt = (
+            [tokenizer.require("<|begin_of_text|>")]
+            + header + tokenizer.encode("user") + end_header + tokenizer.encode("\n\n")
+            + audio + tokenizer.encode(context) + eot
+            + header + tokenizer.encode("assistant") + end_header + tokenizer.encode("\n\n")
+        )  # fmt: skip
+        reply = tokenizer.encode(answer) + eot
+    else:
+        raise ValueError(f"prompt format {fmt!r} is not one of {', '.join(PROMPT_FORMATS)}")
+    return Prompt(prompt + reply, [0] * len(prompt) + [1] * len(reply))

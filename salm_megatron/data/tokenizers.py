@@ -1,0 +1,167 @@
+"""One interface over sentencepiece ``.model`` and Hugging Face ``tokenizer.json`` tokenizers.
+
+Besides text <-> ids, prompts need BOS/EOS, named special tokens (chat headers) and the audio
+placeholder id. The placeholder is never produced by tokenizing text (a transcript that happens
+to contain the placeholder string stays text); prompt builders insert its id directly. When the
+tokenizer has no such token, the placeholder takes the first id after the vocabulary, and
+``vocab_size`` counts it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+AUDIO_TOKEN = "<|audio|>"
+
+# Names tried, in order, when a tokenizer.json comes without tokenizer_config.json.
+_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+_EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>", "<|im_end|>")
+_PAD_NAMES = ("<pad>", "<|finetune_right_pad_id|>", "<|pad|>")
+
+
+class Tokenizer:
+    """Text <-> ids, plus the ids a prompt needs."""
+
+    path: Path
+    base_vocab_size: int
+    bos_id: Optional[int]
+    eos_id: int
+    pad_id: int
+    audio_token_id: int
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without BOS/EOS."""
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``; special tokens and the audio placeholder are left out."""
+        raise NotImplementedError
+
+    def token_id(self, token: str) -> Optional[int]:
+        """Id of a whole token such as ``<|eot_id|>``, or None when the vocabulary lacks it."""
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids in use, the appended audio placeholder included; the LLM's vocab_size."""
+        return max(self.base_vocab_size, self.audio_token_id + 1)
+
+    def require(self, token: str) -> int:
+        token_id = self.token_id(token)
+        if token_id is None:
+            raise ValueError(f"tokenizer {self.path} has no token {token!r}")
+        return token_id
+
+    def _set_audio_token(self, audio_token: str) -> None:
+        existing = self.token_id(audio_token)
+        self.audio_token_id = self.base_vocab_size if existing is None else existing
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.path}, vocab {self.vocab_size}, bos {self.bos_id}, "
+            f"eos {self.eos_id}, audio {self.audio_token_id})"
+        )
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, path: Path, audio_token: str = AUDIO_TOKEN):
+        import sentencepiece
+
+        self.path = path
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"{path} is not a sentencepiece model: {err}") from err
+        self.base_vocab_size = self.sp.vocab_size()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        if self.sp.eos_id() < 0:
+            raise ValueError(f"sentencepiece model {path} has no EOS token")
+        self.eos_id = self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self._set_audio_token(audio_token)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([i for i in ids if i < self.base_vocab_size])
+
+    def token_id(self, token: str) -> Optional[int]:
+        token_id = self.sp.piece_to_id(token)
+        unknown = token_id == self.sp.unk_id() and token != self.sp.id_to_piece(token_id)
+        return None if unknown else token_id
+
+
+class HFTokenizer(Tokenizer):
+    """A ``tokenizer.json``; BOS/EOS/PAD from ``tokenizer_config.json`` beside it when present."""
+
+    def __init__(self, path: Path, audio_token: str = AUDIO_TOKEN):
+        from tokenizers import Tokenizer as Backend
+
+        self.path = path
+        try:
+            self.backend = Backend.from_file(str(path))
+        except Exception as err:  # the library raises plain Exception on bad files
+            raise ValueError(f"{path} is not a Hugging Face tokenizer.json: {err}") from err
+        self.base_vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+        named = self._named_tokens(path.parent / "tokenizer_config.json")
+        self.bos_id = self._first_id([named.get("bos_token"), *_BOS_NAMES])
+        eos = self._first_id([named.get("eos_token"), *_EOS_NAMES])
+        if eos is None:
+            raise ValueError(
+                f"cannot tell the EOS token of {path}: put a tokenizer_config.json with "
+                "eos_token beside it"
+            )
+        self.eos_id = eos
+        pad = self._first_id([named.get("pad_token"), *_PAD_NAMES])
+        self.pad_id = eos if pad is None else pad
+        self._set_audio_token(audio_token)
+
+    @staticmethod
+    def _named_tokens(config: Path) -> dict[str, str]:
+        if not config.is_file():
+            return {}
+        try:
+            data = json.loads(config.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config} is not valid JSON: {err}") from err
+        names = {}
+        for key in ("bos_token", "eos_token", "pad_token"):
+            value = data.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                names[key] = value
+        return names
+
+    def _first_id(self, names) -> Optional[int]:
+        for name in names:
+            if name is not None and (token_id := self.token_id(name)) is not None:
+                return token_id
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode([i for i in ids if i < self.base_vocab_size])
+
+    def token_id(self, token: str) -> Optional[int]:
+        return self.backend.token_to_id(token)
+
+
+def load_tokenizer(path: str | Path, audio_token: str = AUDIO_TOKEN) -> Tokenizer:
+    """A sentencepiece ``.model``, a ``tokenizer.json``, or a folder holding either."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (path / name).is_file():
+                return load_tokenizer(path / name, audio_token)
+        raise ValueError(f"{path} holds neither tokenizer.json nor tokenizer.model")
+    if not path.is_file():
+        raise ValueError(f"tokenizer {path} does not exist")
+    if path.suffix == ".json":
+        return HFTokenizer(path, audio_token)
+    return SentencePieceTokenizer(path, audio_token)
