@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -14,6 +15,7 @@ class SpeechSample:
     input_ids: list[int]
     answer_mask: list[int]  # 1 on answer tokens (answer and EOS)
     audio: list[torch.Tensor] = field(default_factory=list)  # 1-D waveforms, 16 kHz mono
+    key: Optional[str] = None  # the shard sample it came from
 
     def __post_init__(self):
         if len(self.input_ids) != len(self.answer_mask):

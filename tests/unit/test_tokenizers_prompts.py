@@ -135,3 +135,27 @@ def test_default_instructions():
         instruction("ast", None)
     with pytest.raises(ValueError, match="task 'sqa' has no default instruction"):
         instruction("sqa", None)
+
+
+@pytest.mark.parametrize("arch", ["salm", "bestow"])
+def test_make_sample_prompts_a_decoded_sample(hf_folder, arch):
+    import torch
+
+    from salm_megatron.data.batching import ListSource
+    from salm_megatron.data.samples import Mapped, make_sample
+
+    tok = load_tokenizer(hf_folder)
+    raw = {"key": "k1", "audio": torch.zeros(1600), "answer": "one two", "task": "asr"}
+    sample = make_sample(raw, tok, "llama3", arch)
+    assert sample.key == "k1" and len(sample.audio) == 1
+    assert sample.input_ids.count(tok.audio_token_id) == (1 if arch == "salm" else 0)
+    answer = [i for i, m in zip(sample.input_ids, sample.answer_mask, strict=True) if m]
+    assert tok.decode(answer) == "one two"
+    # Mapping keeps the stream resumable.
+    stream = Mapped(ListSource([dict(raw, key=f"k{i}") for i in range(4)]),
+                    lambda r: make_sample(r, tok, "plain", arch))  # fmt: skip
+    first = [s.key for _, s in zip(range(2), stream, strict=False)]
+    again = Mapped(ListSource([dict(raw, key=f"k{i}") for i in range(4)]),
+                   lambda r: make_sample(r, tok, "plain", arch))  # fmt: skip
+    again.load_state_dict(stream.state_dict())
+    assert first + [s.key for s in again] == ["k0", "k1", "k2", "k3"]

@@ -1,0 +1,35 @@
+"""From a decoded shard sample to a tokenized :class:`SpeechSample`, keeping streams resumable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .batching import Resumable
+from .collate import SpeechSample
+from .prompts import build_prompt, instruction
+from .tokenizers import Tokenizer
+
+
+def make_sample(raw: dict, tokenizer: Tokenizer, prompt_format: str, arch: str) -> SpeechSample:
+    """Prompt + answer of one decoded sample: SALM prompts carry the audio placeholder."""
+    context = instruction(raw.get("task"), raw.get("context"), raw.get("lang"))
+    segments = 1 if arch == "salm" else 0
+    prompt = build_prompt(tokenizer, prompt_format, context, raw["answer"], segments)
+    return SpeechSample(prompt.input_ids, prompt.answer_mask, [raw["audio"]], key=raw.get("key"))
+
+
+class Mapped:
+    """``fn`` applied to every item of a resumable stream; resumes with it."""
+
+    def __init__(self, source: Resumable, fn: Callable[[Any], Any]):
+        self.source, self.fn = source, fn
+
+    def __iter__(self) -> Iterator[Any]:
+        return map(self.fn, self.source)
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
