@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -73,3 +75,33 @@ def speech_samples(arch: str) -> list[SpeechSample]:
             )
         )
     return samples
+
+
+CORPUS = [
+    "transcribe the audio please",
+    "the quick brown fox jumps over the lazy dog",
+    "what is the sum of the numbers",
+    "one two three four five six seven eight nine ten",
+    "Q: question A: answer user assistant INST",
+] * 20
+CHAT_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+               "<|eot_id|>"]  # fmt: skip
+
+
+def make_hf_tokenizer(folder: Path, extra_special=()) -> Path:
+    """A small byte-level BPE tokenizer.json (+ tokenizer_config.json) with Llama-3 chat tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", *CHAT_TOKENS, *extra_special],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    tok.train_from_iterator(CORPUS, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|end_of_text|>"}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder

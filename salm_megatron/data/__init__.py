@@ -1,11 +1,18 @@
 """Data: audio I/O, tokenizers, prompts and batches of plain tensors (never imports models)."""
 
+from .batching import BucketBatcher, WeightedMix, token_cost
 from .collate import SpeechSample, collate
+from .loader import LoadedStream, SampleStream
 from .prompts import DEFAULT_INSTRUCTIONS, PROMPT_FORMATS, Prompt, build_prompt, instruction
 from .tokenizers import AUDIO_TOKEN, Tokenizer, load_tokenizer
 
 __all__ = [
     "AUDIO_TOKEN",
+    "BucketBatcher",
+    "LoadedStream",
+    "SampleStream",
+    "WeightedMix",
+    "token_cost",
     "DEFAULT_INSTRUCTIONS",
     "PROMPT_FORMATS",
     "Prompt",

@@ -1,21 +1,11 @@
 """Proves both tokenizer kinds behind one interface and the prompt formats' ids and answer masks."""
 
-import json
 
 import pytest
 
 from salm_megatron.data.prompts import build_prompt, instruction
 from salm_megatron.data.tokenizers import AUDIO_TOKEN, load_tokenizer
-
-CORPUS = [
-    "transcribe the audio please",
-    "the quick brown fox jumps over the lazy dog",
-    "what is the sum of the numbers",
-    "one two three four five six seven eight nine ten",
-    "Q: question A: answer user assistant INST",
-] * 20
-CHAT_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-               "<|eot_id|>"]  # fmt: skip
+from tests.speech_fixtures import CORPUS, make_hf_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -30,29 +20,9 @@ def sentencepiece_model(tmp_path_factory):
     return prefix.with_suffix(".model")
 
 
-def _hf_tokenizer(folder, extra_special=()):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    from tokenizers import decoders
-
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", *CHAT_TOKENS, *extra_special],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
-    tok.train_from_iterator(CORPUS, trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|end_of_text|>"}}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    return _hf_tokenizer(tmp_path_factory.mktemp("hf"))
+    return make_hf_tokenizer(tmp_path_factory.mktemp("hf"))
 
 
 def test_sentencepiece_interface(sentencepiece_model):
@@ -74,9 +44,9 @@ def test_hugging_face_interface(hf_folder):
 
 
 def test_an_existing_audio_token_is_reused_and_text_never_makes_one(tmp_path):
-    tok = load_tokenizer(_hf_tokenizer(tmp_path / "hf", extra_special=[AUDIO_TOKEN]))
+    tok = load_tokenizer(make_hf_tokenizer(tmp_path / "hf", extra_special=[AUDIO_TOKEN]))
     assert tok.audio_token_id == tok.token_id(AUDIO_TOKEN) < tok.base_vocab_size
-    plain = load_tokenizer(_hf_tokenizer(tmp_path / "plain"))
+    plain = load_tokenizer(make_hf_tokenizer(tmp_path / "plain"))
     assert plain.audio_token_id not in plain.encode(f"a transcript with {AUDIO_TOKEN} in it")
 
 
