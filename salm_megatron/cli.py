@@ -45,16 +45,30 @@ def _demo_command(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def _bench_data_command(argv: list[str]) -> int:
+    from .bench import data_main
+
+    return data_main(argv)
+
+
 def _bench_command(argv: list[str]) -> int:
     from .bench import main as bench_main
 
     return bench_main(argv)
 
 
+def _shards_command(argv: list[str]) -> int:
+    from .data.shards import main as shards_main
+
+    return shards_main(argv)
+
+
 COMMANDS = {
     "config": (_config_command, "print and validate a resolved config"),
     "demo": (_demo_command, "train a tiny model on 2 CPU processes (TP=2) and show the loss fall"),
     "bench": (_bench_command, "encoder throughput and SALM vs BESTOW step time on this machine"),
+    "bench-data": (_bench_data_command, "loader throughput: decode + log-mel, per worker"),
+    "shards": (_shards_command, "NeMo-style JSONL manifests -> webdataset shards + index.json"),
 }
 
 

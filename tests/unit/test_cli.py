@@ -49,3 +49,16 @@ def test_bench_prints_its_figures():
         "SALM / BESTOW",
     ):
         assert figure in proc.stdout
+
+
+def test_bench_data_prints_throughput():
+    import subprocess
+    import sys
+
+    command = ["bench-data", "--clips", "4", "--seconds", "0.5"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "salm_megatron.cli", *command],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 clips, 2 s of audio" in proc.stdout and "x real time per worker" in proc.stdout

@@ -1,6 +1,5 @@
 """Proves both tokenizer kinds behind one interface and the prompt formats' ids and answer masks."""
 
-
 import pytest
 
 from salm_megatron.data.prompts import build_prompt, instruction
