@@ -48,6 +48,19 @@ def token_cost(cfg: Config) -> Callable[[SpeechSample], int]:
     return cost
 
 
+def llm_sequence_length(cfg: Config) -> Callable[[SpeechSample], int]:
+    """Positions a sample takes in the LLM's sequence: SALM replaces each placeholder with its
+    segment's frames; BESTOW's sequence is its text."""
+
+    def length(sample: SpeechSample) -> int:
+        if cfg.model.arch == "bestow":
+            return len(sample.input_ids)
+        frames = audio_frames(cfg, [len(w) for w in sample.audio])
+        return len(sample.input_ids) - len(sample.audio) + sum(frames)
+
+    return length
+
+
 class BucketBatcher:
     """Micro-batches of samples of similar cost from a resumable sample stream."""
 
@@ -127,6 +140,44 @@ class BucketBatcher:
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state)
         self._state = dict(state)
+
+
+class GlobalBatches:
+    """Groups of ``num_microbatches`` micro-batches and the one sequence length they share.
+
+    Pipeline stages exchange activations of one shape, so every micro-batch of a global batch is
+    padded to the longest (``length`` of a sample, e.g. :func:`llm_sequence_length`, rounded up
+    to ``multiple``). A trailing group with fewer micro-batches is dropped.
+    """
+
+    def __init__(
+        self,
+        microbatches: Resumable,
+        num_microbatches: int,
+        length: Callable[[Any], int],
+        multiple: int = 1,
+    ):
+        if num_microbatches < 1 or multiple < 1:
+            raise ValueError(
+                f"num_microbatches={num_microbatches} and multiple={multiple} must be >= 1"
+            )
+        self.source, self.num_microbatches = microbatches, num_microbatches
+        self.length, self.multiple = length, multiple
+
+    def __iter__(self) -> Iterator[tuple[list, int]]:
+        stream = iter(self.source)
+        while (
+            len(group := list(itertools.islice(stream, self.num_microbatches)))
+            == self.num_microbatches
+        ):
+            longest = max(self.length(sample) for batch in group for sample in batch)
+            yield group, -(-longest // self.multiple) * self.multiple
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
 
 
 class WeightedMix:

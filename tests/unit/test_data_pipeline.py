@@ -8,7 +8,12 @@ import webdataset as wds
 from salm_megatron.config import apply_overrides
 from salm_megatron.data import collate, load_tokenizer
 from salm_megatron.data.audio_io import encode_flac
-from salm_megatron.data.batching import BucketBatcher, token_cost
+from salm_megatron.data.batching import (
+    BucketBatcher,
+    GlobalBatches,
+    llm_sequence_length,
+    token_cost,
+)
 from salm_megatron.data.loader import LoadedStream, SampleStream
 from salm_megatron.data.samples import Mapped, make_sample
 from tests.speech_fixtures import make_hf_tokenizer, tiny_config, waveform
@@ -35,12 +40,12 @@ def tokenizer(tmp_path_factory):
     return load_tokenizer(make_hf_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
-def _batches(shards, tokenizer, rank, state=None):
-    cfg = tiny_config("salm")
+def _batches(shards, tokenizer, rank, state=None, arch="salm"):
+    cfg = tiny_config(arch)
     stream = SampleStream(shards, dp_rank=rank, dp_size=2, seed=3, shuffle_buffer=4)
     samples = Mapped(
         LoadedStream(stream, num_workers=2),
-        lambda raw: make_sample(raw, tokenizer, "plain", "salm"),
+        lambda raw: make_sample(raw, tokenizer, "plain", arch),
     )
     batcher = BucketBatcher(samples, token_cost(cfg), max_tokens=120, window=5, seed=1)
     if state is not None:
@@ -68,18 +73,26 @@ def test_pipeline_resumes_exactly_by_keys(shards, tokenizer):
     assert sorted(everything) == [f"utt{i:03d}" for i in range(24)]  # each sample once
 
 
-def test_batches_feed_salm(single_rank, shards, tokenizer):
+@pytest.mark.parametrize("arch", ["salm", "bestow"])
+def test_global_batches_share_one_shape_and_feed_the_model(single_rank, shards, tokenizer, arch):
     from salm_megatron.models import build_speech_llm
 
     cfg = apply_overrides(
-        tiny_config("salm"),
+        tiny_config(arch),
         [
             f"llm.vocab_size={tokenizer.vocab_size}",
             f"model.audio_token_id={tokenizer.audio_token_id}",
         ],
     )
     (model,) = build_speech_llm(cfg)
-    batch = collate(next(iter(_batches(shards, tokenizer, 0))))
-    loss = model(batch)
-    assert int((loss != 0).sum()) == int(batch["answer_mask"].sum())
-    assert torch.isfinite(loss).all()
+    source = _batches(shards, tokenizer, 0, arch=arch)
+    groups = GlobalBatches(source, 2, llm_sequence_length(cfg), multiple=4)
+    microbatches, length = next(iter(groups))
+    batches = [collate(mb) for mb in microbatches]
+    # The data side predicts the model's own layout, so every micro-batch fits one shape.
+    longest = max(model.layout(b, None).length for b in batches)
+    assert length == -(-longest // 4) * 4
+    for batch in batches:
+        loss = model(batch, sequence_length=length)
+        assert loss.shape[1] == length and torch.isfinite(loss).all()
+        assert int((loss != 0).sum()) == int(batch["answer_mask"].sum())
