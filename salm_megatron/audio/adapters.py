@@ -17,9 +17,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from salm_megatron.audio.fastconformer import ConformerLayer, RelPositionalEncoding, attention_mask
+from salm_megatron.audio.fastconformer import (
+    ConformerLayer,
+    RelPositionalEncoding,
+    attention_mask,
+    encoder_output_lengths,
+)
+from salm_megatron.audio.features import feature_lengths
 from salm_megatron.audio.masks import ceil_div, check_lengths, valid_mask
-from salm_megatron.config import AdapterConfig
+from salm_megatron.config import AdapterConfig, EncoderConfig
 
 
 def stack_frames(
@@ -125,6 +131,14 @@ class ConformerAdapter(StackingAdapter):
 def adapter_output_lengths(cfg: AdapterConfig, lengths: torch.Tensor) -> torch.Tensor:
     """Output frames for ``lengths`` encoder frames (no weights needed)."""
     return ceil_div(lengths, cfg.subsampling_factor)
+
+
+def audio_embedding_lengths(
+    encoder: EncoderConfig, adapter: AdapterConfig, audio_lengths: torch.Tensor
+) -> torch.Tensor:
+    """Frames each waveform becomes after features, encoder and adapter (no weights needed)."""
+    lengths = feature_lengths(encoder.features, audio_lengths)
+    return adapter_output_lengths(adapter, encoder_output_lengths(encoder, lengths))
 
 
 def build_adapter(cfg: AdapterConfig, d_in: int, d_out: int) -> StackingAdapter:

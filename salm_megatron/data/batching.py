@@ -17,9 +17,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 
-from ..audio.adapters import adapter_output_lengths
-from ..audio.fastconformer import encoder_output_lengths
-from ..audio.features import feature_lengths
+from ..audio.adapters import audio_embedding_lengths
 from ..config import Config
 from .collate import SpeechSample
 
@@ -34,9 +32,7 @@ def audio_frames(cfg: Config, num_samples: list[int]) -> list[int]:
     """Frames each waveform becomes after features, encoder and adapter (no weights needed)."""
     if not num_samples:
         return []
-    lengths = feature_lengths(cfg.encoder.features, torch.tensor(num_samples))
-    frames = adapter_output_lengths(cfg.adapter, encoder_output_lengths(cfg.encoder, lengths))
-    return frames.tolist()
+    return audio_embedding_lengths(cfg.encoder, cfg.adapter, torch.tensor(num_samples)).tolist()
 
 
 def token_cost(cfg: Config) -> Callable[[SpeechSample], int]:

@@ -26,9 +26,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from ..audio import FastConformerEncoder, LogMelFeatures, SpecAugment, build_adapter
-from ..audio.adapters import adapter_output_lengths
-from ..audio.fastconformer import encoder_output_lengths
-from ..audio.features import feature_lengths
+from ..audio.adapters import audio_embedding_lengths
 from ..config import Config
 from ..llm import build_llm
 
@@ -56,8 +54,7 @@ class AudioPath(torch.nn.Module):
 
 def embedding_lengths(cfg: Config, audio_lengths: torch.Tensor) -> torch.Tensor:
     """Frames each segment becomes after features, encoder and adapter (no weights needed)."""
-    lengths = feature_lengths(cfg.encoder.features, audio_lengths)
-    return adapter_output_lengths(cfg.adapter, encoder_output_lengths(cfg.encoder, lengths))
+    return audio_embedding_lengths(cfg.encoder, cfg.adapter, audio_lengths)
 
 
 def check_batch(batch: dict) -> None:

@@ -4,8 +4,6 @@ The global batch has audio of different lengths, a sample with two segments and 
 sample, in two micro-batches. Everything else works as in ``llm_worker.py``.
 """
 
-import math
-
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
@@ -55,9 +53,8 @@ def main():
     microbatches = [
         collate(samples[i : i + MICRO_BATCH]) for i in range(0, len(samples), MICRO_BATCH)
     ]
-    # Pipelines pass one shape: the longest micro-batch, rounded up for sequence parallelism.
+    # Pipelines pass one shape: the longest micro-batch (layouts are already padded for SP).
     length = max(chunks[0].layout(mb, None).length for mb in microbatches)
-    length = math.ceil(length / chunks[0].pad_multiple) * chunks[0].pad_multiple
 
     losses = get_forward_backward_func()(
         forward_step_func=lambda it, m: forward_step(it, m, sequence_length=length),
