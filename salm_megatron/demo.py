@@ -21,11 +21,14 @@ from .config import Config, ParallelConfig
 log = logging.getLogger("salm.demo")
 
 SEQ, BATCH = 32, 16
+# Tokens drawn from the first 64 ids: a small alphabet makes the copy reliably learnable in 300
+# steps (with the full vocabulary, when induction forms depends on the CPU's rounding).
+COPY_VOCAB = 64
 
 
-def _copy_task_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
+def _copy_task_batch(step: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(step)
-    half = torch.randint(1, vocab, (BATCH, SEQ // 2), generator=g)
+    half = torch.randint(1, COPY_VOCAB, (BATCH, SEQ // 2), generator=g)
     tokens = torch.cat([half, half], dim=1)
     loss_mask = torch.zeros(BATCH, SEQ - 1)
     loss_mask[:, SEQ // 2 - 1 :] = 1.0  # predict the copied half
@@ -79,7 +82,7 @@ def train(steps: int, lr: float) -> float:
     for step in range(1, steps + 1):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        batch = _copy_task_batch(step, cfg.llm.vocab_size)
+        batch = _copy_task_batch(step)
         out = forward_backward(
             forward_step_func=_forward_step,
             data_iterator=iter([batch]),
