@@ -57,6 +57,12 @@ def _bench_command(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def _train_command(argv: list[str]) -> int:
+    from .train import main as train_main
+
+    return train_main(argv)
+
+
 def _shards_command(argv: list[str]) -> int:
     from .data.shards import main as shards_main
 
@@ -64,6 +70,7 @@ def _shards_command(argv: list[str]) -> int:
 
 
 COMMANDS = {
+    "train": (_train_command, "train SALM or BESTOW from a config (also under torchrun)"),
     "config": (_config_command, "print and validate a resolved config"),
     "demo": (_demo_command, "train a tiny model on 2 CPU processes (TP=2) and show the loss fall"),
     "bench": (_bench_command, "encoder throughput and SALM vs BESTOW step time on this machine"),

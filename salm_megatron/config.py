@@ -41,6 +41,7 @@ def _positive(name: str, value: int) -> None:
 FP8_FORMATS = (None, "hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass
@@ -68,6 +69,8 @@ class LLMConfig:
     fp8_recipe: str = "delayed"
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"
+    # Activation recompute: selective recomputes core attention, full every layer's input.
+    recompute: str = "none"
 
     def __post_init__(self):
         for name in (
@@ -104,6 +107,7 @@ class LLMConfig:
         _choice("llm.fp8", self.fp8, FP8_FORMATS)
         _choice("llm.fp8_recipe", self.fp8_recipe, FP8_RECIPES)
         _choice("llm.fp8_amax_compute_algo", self.fp8_amax_compute_algo, ("max", "most_recent"))
+        _choice("llm.recompute", self.recompute, RECOMPUTE)
         _require(
             self.fp8 is None or self.transformer_impl != "local",
             f"llm.fp8={self.fp8!r} needs Transformer Engine, but llm.transformer_impl='local'",
@@ -552,12 +556,137 @@ class ModelConfig:
             )
 
 
+# ------------------------------------------------------------------------------------ training
+
+PROMPT_FORMATS = ("plain", "llama2", "llama3")  # data/prompts.py builds each
+LR_SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _optional_positive(name: str, value: Optional[int]) -> None:
+    if value is not None:
+        _positive(name, value)
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from (webdataset shards, see ``data/loader.py``) and how they become
+    micro-batches."""
+
+    train_shards: Optional[str] = None  # brace pattern or glob: train/shard-{000000..000099}.tar
+    valid_shards: Optional[str] = None
+    tokenizer: Optional[str] = None  # sentencepiece .model, tokenizer.json, or a folder with one
+    prompt_format: str = "plain"
+    micro_batch_size: int = 4  # samples per micro-batch
+    max_tokens: Optional[int] = None  # instead: micro-batches of up to this many padded tokens
+    bucket_window: int = 1000  # samples sorted by length together (see data/batching.py)
+    shuffle_buffer: int = 1000  # raw records shuffled per loader worker
+    num_workers: int = 2  # loader processes per data-reading rank
+    min_duration: Optional[float] = None  # seconds; shorter audio is skipped and counted
+    max_duration: Optional[float] = 40.0
+
+    def __post_init__(self):
+        _choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)
+        for name in ("micro_batch_size", "bucket_window"):
+            _positive(f"data.{name}", getattr(self, name))
+        _optional_positive("data.max_tokens", self.max_tokens)
+        for name in ("shuffle_buffer", "num_workers"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, f"data.{name}={value!r} must be >= 0")
+        low, high = self.min_duration, self.max_duration
+        _require(
+            low is None or high is None or low <= high,
+            f"data.min_duration={low} is above data.max_duration={high}",
+        )
+
+
+@dataclass
+class OptimConfig:
+    """Adam with decoupled weight decay (Megatron's distributed optimizer) and the LR schedule.
+
+    Norms and biases get no weight decay. The encoder and the adapter (with BESTOW's
+    cross-attention) may have their own peak LR; every group follows the same schedule shape,
+    its minimum scaled like its peak.
+    """
+
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    encoder_lr: Optional[float] = None  # null: lr
+    adapter_lr: Optional[float] = None  # adapter and BESTOW cross-attention; null: lr
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global gradient-norm clip; 0 turns clipping off
+    schedule: str = "cosine"  # cosine | linear | constant, after the warmup
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None  # null: train.steps - warmup_steps
+    distributed: bool = True  # shard optimizer states over data-parallel ranks
+
+    def __post_init__(self):
+        for name in ("lr", "min_lr", "weight_decay", "adam_eps", "clip_grad"):
+            value = getattr(self, name)
+            _require(value >= 0, f"optim.{name}={value} must be >= 0")
+        for name in ("encoder_lr", "adapter_lr"):
+            value = getattr(self, name)
+            _require(value is None or value >= 0, f"optim.{name}={value} must be >= 0")
+        _require(self.min_lr <= self.lr, f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            _fraction(f"optim.{name}", getattr(self, name))
+        _choice("optim.schedule", self.schedule, LR_SCHEDULES)
+        _require(
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+            f"optim.warmup_steps={self.warmup_steps!r} must be an integer >= 0",
+        )
+        _optional_positive("optim.decay_steps", self.decay_steps)
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, how much per step, numerics, validation and logging."""
+
+    steps: int = 1000  # optimizer steps
+    # Micro-batches per data-parallel rank per step (gradient accumulation). A step reads
+    # num_microbatches x DP micro-batches (Megatron's global batch size, in micro-batches).
+    num_microbatches: int = 1
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    output_dir: str = "runs/salm"  # checkpoints/, tensorboard/, metrics.jsonl, config.yaml
+    log_interval: int = 10  # steps between console progress lines (every step goes to files)
+    eval_interval: Optional[int] = None  # steps between validations (needs data.valid_shards)
+    eval_iters: int = 10  # global batches per validation (the same ones each time)
+    max_bad_steps: int = 5  # consecutive NaN/inf steps (skipped) before stopping
+    log_sample_keys: bool = False  # write every consumed sample key to sample_keys/dp<r>.txt
+
+    def __post_init__(self):
+        for name in ("steps", "num_microbatches", "log_interval", "eval_iters", "max_bad_steps"):
+            _positive(f"train.{name}", getattr(self, name))
+        _optional_positive("train.eval_interval", self.eval_interval)
+        _choice("train.precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class CheckpointConfig:
+    """Training checkpoints (``<train.output_dir>/checkpoints``) and pretrained weights."""
+
+    interval: Optional[int] = 500  # steps between saves; null: only at the end
+    keep: Optional[int] = 3  # newest checkpoints kept; null: all
+    resume: bool = True  # continue from the newest complete checkpoint when there is one
+    # Megatron dist checkpoints to start from (ignored when resuming): an LLM with GPTModel's keys,
+    # an encoder with FastConformerEncoder's (NeMo's) keys. Any TP/PP layout loads.
+    pretrained_llm: Optional[str] = None
+    pretrained_encoder: Optional[str] = None
+
+    def __post_init__(self):
+        _optional_positive("checkpoint.interval", self.interval)
+        _optional_positive("checkpoint.keep", self.keep)
+
+
 # ------------------------------------------------------------------------------------------ whole
 
 
 @dataclass
 class Config:
-    """Everything a run needs. Sections grow with the stack (data, training ...)."""
+    """Everything a run needs."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -565,6 +694,10 @@ class Config:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     bestow: BestowConfig = field(default_factory=BestowConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 1234
 
     def __post_init__(self):
@@ -573,6 +706,13 @@ class Config:
             self.placeholder_id < self.llm.vocab_size,
             f"model.audio_token_id={self.placeholder_id} is outside the vocabulary "
             f"0..{self.llm.vocab_size - 1} (llm.vocab_size={self.llm.vocab_size})",
+        )
+        _require(
+            self.data.max_tokens is None or self.parallel.pipeline_model_parallel_size == 1,
+            f"data.max_tokens={self.data.max_tokens} makes micro-batches of varying size, but "
+            "pipeline stages exchange one activation shape; with "
+            f"parallel.pipeline_model_parallel_size={self.parallel.pipeline_model_parallel_size} "
+            "use data.micro_batch_size",
         )
         if self.model.arch == "bestow":
             _require(
@@ -617,6 +757,11 @@ def _convert(name: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{name}={value!r} must be a number")
     if annotation is str:
         if isinstance(value, str):

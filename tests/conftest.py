@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,16 +18,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def launch(
-    script: Path, nprocs: int, *args: str, env: dict | None = None, timeout: int = 240
+    script: Path | str,
+    nprocs: int,
+    *args: str,
+    env: dict | None = None,
+    timeout: int = 240,
+    check: bool = True,
 ) -> str:
-    """Run ``script`` under torchrun with ``nprocs`` processes; raise with its output on failure."""
+    """Run ``script`` (a path, or a module name such as ``salm_megatron.train``) under torchrun
+    with ``nprocs`` processes; raise with its output on failure unless ``check=False``."""
+    target = [str(script)] if isinstance(script, Path) else ["-m", script]
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nprocs}",
-        str(script),
+        *target,
         *args,
     ]
     full_env = {
@@ -34,12 +44,24 @@ def launch(
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         **(env or {}),
     }
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
-    output = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}")
+    # Output to a file and a session of its own: a rank killed with SIGKILL leaves orphans (the
+    # Manager process dist_checkpointing spawns) that would hold a pipe open; the whole session
+    # is killed once torchrun returns.
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            returncode = proc.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.seek(0)
+        output = log.read()
+    if check and returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({returncode}):\n{output[-6000:]}")
     return output
 
 

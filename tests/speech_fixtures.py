@@ -105,3 +105,58 @@ def make_hf_tokenizer(folder: Path, extra_special=()) -> Path:
     config = {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|end_of_text|>"}}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
+
+
+WORDS = ["one", "two", "three", "four"]
+
+
+def write_speech_shards(folder: Path, count: int, seed: int, per_shard: int = 16) -> str:
+    """Webdataset shards of a tiny ASR task: the pitch of a speech-like signal names the word
+    (one of :data:`WORDS`), so the answer depends on the audio. Returns the shard pattern."""
+    import webdataset as wds
+
+    from salm_megatron.data.audio_io import encode_flac
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(folder / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(count):
+            word = i % len(WORDS)
+            wave = waveform(0.3 + 0.05 * (i % 5), seed=seed + i, f0=100.0 + 60.0 * word)
+            sink.write({
+                "__key__": f"utt-{seed}-{i:04d}",
+                "flac": encode_flac(wave),
+                "json": {"answer": WORDS[word], "task": "asr"},
+            })  # fmt: skip
+    shards = sorted(folder.glob("shard-*.tar"))
+    return str(folder / f"shard-{{000000..{len(shards) - 1:06d}}}.tar")
+
+
+def training_config(folder: Path, arch: str) -> dict:
+    """Tiny SALM/BESTOW training on :func:`write_speech_shards` data under ``folder``, as a
+    config mapping for ``salm train`` (deterministic: no dropout, no SpecAugment)."""
+    tokenizer = make_hf_tokenizer(folder / "tokenizer")
+    if not (folder / "train").is_dir():
+        write_speech_shards(folder / "train", 64, seed=0)
+        write_speech_shards(folder / "valid", 8, seed=1000)
+    from salm_megatron.data import load_tokenizer
+
+    vocab = load_tokenizer(tokenizer).vocab_size  # its tokens + the audio placeholder
+    return {
+        "model": {"arch": arch, "audio_token_id": vocab - 1},
+        "llm": {"vocab_size": vocab},
+        "encoder": {
+            "dropout": 0.0, "dropout_pre_encoder": 0.0, "dropout_att": 0.0,
+            "spec_augment": {"freq_masks": 0, "time_masks": 0},
+        },
+        "adapter": {"type": "mlp", "stack": 2, "hidden_size": 128},
+        "bestow": {"num_layers": 1, "num_heads": 4},
+        "data": {
+            "train_shards": str(folder / "train" / "shard-{000000..000003}.tar"),
+            "valid_shards": str(folder / "valid" / "shard-000000.tar"),
+            "tokenizer": str(tokenizer), "micro_batch_size": 4, "num_workers": 1,
+            "bucket_window": 16, "shuffle_buffer": 8,
+        },
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"steps": 12, "num_microbatches": 2, "log_interval": 1},
+        "checkpoint": {"interval": None},
+    }  # fmt: skip

@@ -52,4 +52,5 @@ def collate(samples: list[SpeechSample], pad_id: int = 0) -> dict[str, torch.Ten
         "audio": audio,
         "audio_lengths": audio_lengths,
         "audio_owner": torch.tensor(owner, dtype=torch.long),
+        "text_lengths": torch.tensor([len(s.input_ids) for s in samples], dtype=torch.long),
     }

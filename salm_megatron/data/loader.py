@@ -50,6 +50,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
+import torch
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -460,6 +461,9 @@ class LoadedStream:
             batch_size=None,
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor,
+            # Its own generator: starting the workers must not draw from the global RNG, or
+            # a resumed run (workers started later) would see different random numbers.
+            generator=torch.Generator(),
         )
         for sample in loader:
             yield self.stream.observe(sample)

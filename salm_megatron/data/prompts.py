@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..config import PROMPT_FORMATS
 from .tokenizers import Tokenizer
-
-PROMPT_FORMATS = ("plain", "llama2", "llama3")
 
 # Used when a sample has no context of its own.
 DEFAULT_INSTRUCTIONS = {

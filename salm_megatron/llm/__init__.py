@@ -1,6 +1,6 @@
 """Llama-family decoders on Megatron-Core: layer specs and the model builder."""
 
-from .model import build_llm, build_llm_chunks, transformer_config
+from .model import build_llm, build_llm_chunks, transformer_config, vocab_parallel_hits
 from .specs import decoder_spec, uses_transformer_engine
 
 __all__ = [
@@ -9,4 +9,5 @@ __all__ = [
     "decoder_spec",
     "transformer_config",
     "uses_transformer_engine",
+    "vocab_parallel_hits",
 ]

@@ -27,6 +27,13 @@ def transformer_config(
             fp8_amax_history_len=llm.fp8_amax_history_len,
             fp8_amax_compute_algo=llm.fp8_amax_compute_algo,
         )
+    recompute = {}
+    if llm.recompute == "selective":
+        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif llm.recompute == "full":
+        recompute = dict(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
     return TransformerConfig(
         num_layers=llm.num_layers,
         hidden_size=llm.hidden_size,
@@ -69,6 +76,7 @@ def transformer_config(
         overlap_p2p_comm=interleaved,
         batch_p2p_comm=not interleaved,
         **fp8,
+        **recompute,
     )
 
 
@@ -114,3 +122,24 @@ def build_llm_chunks(llm: LLMConfig, parallel: ParallelConfig, **kwargs) -> list
         build_llm(llm, parallel, vp_stage=stage, **kwargs)
         for stage in range(parallel.num_model_chunks)
     ]
+
+
+def vocab_parallel_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Whether each label is the argmax of logits split over TP ranks by vocabulary.
+
+    ``logits [..., v / tp]`` (this rank's slice), ``labels [...]`` (global ids): a hit is a label
+    logit no smaller than the largest logit anywhere, found with two small all-reduces instead
+    of gathering the vocabulary.
+    """
+    group = parallel_state.get_tensor_model_parallel_group()
+    rank, width = parallel_state.get_tensor_model_parallel_rank(), logits.shape[-1]
+    logits = logits.float()
+    largest = logits.max(dim=-1).values
+    local = labels - rank * width
+    mine = (local >= 0) & (local < width)
+    label_logit = logits.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
+    label_logit = torch.where(mine, label_logit, torch.zeros_like(label_logit))
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX, group=group)
+        torch.distributed.all_reduce(label_logit, group=group)
+    return label_logit >= largest

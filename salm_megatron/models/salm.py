@@ -25,21 +25,31 @@ def splice_layout(
     audio_token_id: int,
     multiple: int,
     sequence_length: int | None = None,
+    text_lengths: torch.Tensor | None = None,
 ) -> SpliceLayout:
-    """Lay out each sample's tokens with every placeholder replaced by its segment's frames."""
+    """Lay out each sample's tokens with every placeholder replaced by its segment's frames.
+
+    ``text_lengths [b]`` (tokens before right padding) keeps a sample's text padding out of the
+    merged sequence, so a sample's length there is its own, not the batch's longest text's.
+    """
     b, s = input_ids.shape
-    is_placeholder = input_ids == audio_token_id
+    real = torch.ones(b, s, dtype=torch.bool)
+    if text_lengths is not None:
+        real = torch.arange(s)[None, :] < text_lengths.cpu()[:, None]
+    is_placeholder = input_ids.cpu() == audio_token_id
+    if bool((is_placeholder & ~real).any()):
+        raise ValueError("an audio placeholder lies in a sample's padding (past text_lengths)")
     found, given = int(is_placeholder.sum()), len(segment_lengths)
     if found != given:
         raise ValueError(
             f"the batch has {found} audio placeholders (token id {audio_token_id}) but {given} "
             "audio segments; each segment needs exactly one placeholder"
         )
-    if bool((answer_mask.bool() & is_placeholder).any()):
+    if bool((answer_mask.cpu().bool() & is_placeholder).any()):
         raise ValueError("answer_mask marks an audio placeholder; answers must be text")
 
-    # Each token takes one position; a placeholder takes its segment's frame count.
-    width = torch.ones(b, s, dtype=torch.long)
+    # Each token takes one position; a placeholder takes its segment's frame count; padding none.
+    width = real.long()
     width[is_placeholder] = segment_lengths.cpu().long()  # row-major = segment order
     starts = width.cumsum(1) - width
     total = width.sum(1)
@@ -48,7 +58,7 @@ def splice_layout(
     text_position = torch.full((b, length), -1, dtype=torch.long)
     audio_segment = torch.full((b, length), -1, dtype=torch.long)
     audio_frame = torch.zeros((b, length), dtype=torch.long)
-    rows, cols = torch.nonzero(~is_placeholder, as_tuple=True)
+    rows, cols = torch.nonzero(real & ~is_placeholder, as_tuple=True)
     text_position[rows, starts[rows, cols]] = cols
     for segment, (row, col) in enumerate(torch.nonzero(is_placeholder).tolist()):
         span = slice(int(starts[row, col]), int(starts[row, col]) + int(segment_lengths[segment]))
@@ -98,6 +108,7 @@ class SALM(SpeechLLM):
             self.cfg.placeholder_id,
             self.pad_multiple,
             sequence_length,
+            batch.get("text_lengths"),
         )
 
     def embed(self, batch: dict, layout: SpliceLayout) -> torch.Tensor:

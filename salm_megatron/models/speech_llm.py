@@ -8,6 +8,8 @@ A batch is text with answer marks plus audio segments:
 - ``audio [n, samples]`` and ``audio_lengths [n]``: the segments, in the order their samples (and,
   for SALM, their placeholders) appear in the batch; ``n`` may be 0.
 - ``audio_owner [n]`` (BESTOW): the sample each segment belongs to.
+- ``text_lengths [b]`` (optional): each sample's tokens before the right padding; SALM then
+  leaves the padding out of the merged sequence (without it, every position counts as text).
 
 The model predicts every next token; the loss keeps the positions whose next token is an answer
 token. ``forward`` returns, on the last pipeline stage, the per-position loss ``[b, S]`` with all
@@ -28,7 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 from ..audio import FastConformerEncoder, LogMelFeatures, SpecAugment, build_adapter
 from ..audio.adapters import audio_embedding_lengths
 from ..config import Config
-from ..llm import build_llm
+from ..llm import build_llm, vocab_parallel_hits
 
 
 class AudioPath(torch.nn.Module):
@@ -70,6 +72,15 @@ def check_batch(batch: dict) -> None:
     audio, lengths = batch.get("audio"), batch.get("audio_lengths")
     if (audio is None) != (lengths is None):
         raise ValueError("the batch needs both audio and audio_lengths, or neither")
+    text_lengths = batch.get("text_lengths")
+    if text_lengths is not None and (
+        text_lengths.shape != (ids.shape[0],)
+        or bool((text_lengths < 1).any() | (text_lengths > ids.shape[1]).any())
+    ):
+        raise ValueError(
+            f"text_lengths {text_lengths.tolist()} must hold one length in 1..{ids.shape[1]} "
+            f"per sample of input_ids {list(ids.shape)}"
+        )
     if audio is not None and (audio.dim() != 2 or lengths.shape != (audio.shape[0],)):
         raise ValueError(
             f"audio {list(audio.shape)} must be [n, samples] with audio_lengths [n], "
@@ -208,8 +219,23 @@ class SpeechLLM(MegatronModule):
         empty = emb[:0]
         return empty, torch.zeros(0, dtype=torch.long, device=emb.device), emb.sum() * 0.0
 
-    def forward(self, batch: dict, sequence_length: int | None = None) -> torch.Tensor:
-        """Last stage: masked per-position loss ``[b, S]``; other stages: hidden states."""
+    def forward(
+        self,
+        batch: dict | None,
+        sequence_length: int | None = None,
+        *,
+        with_accuracy: bool = False,
+    ) -> torch.Tensor:
+        """Last stage: masked per-position loss ``[b, S]`` (with ``with_accuracy``, stacked with
+        the masked 0/1 next-token hits: ``[2, b, S]``); other stages: hidden states.
+
+        Stages holding neither the first nor the last layer read no data: they take ``batch=None``
+        and the shape from ``sequence_length`` (their input comes through ``set_input_tensor``).
+        """
+        if batch is None:
+            if self.pre_process or self.post_process:
+                raise ValueError("the first and last pipeline stages need the batch")
+            return self.llm(input_ids=None, position_ids=None, attention_mask=None)
         check_batch(batch)
         layout = self.layout(batch, sequence_length)
         decoder_input = None
@@ -222,11 +248,16 @@ class SpeechLLM(MegatronModule):
             position_ids=layout.position_ids,
             attention_mask=None,
             decoder_input=decoder_input,
-            labels=layout.labels if self.post_process else None,
+            labels=layout.labels if self.post_process and not with_accuracy else None,
         )
-        if self.post_process:
+        if not self.post_process:
+            return output
+        if not with_accuracy:
             return output * layout.loss_mask
-        return output
+        logits = output.transpose(0, 1).contiguous()  # [S, b, v / tp]
+        loss = self.llm.compute_language_model_loss(layout.labels, logits)
+        hits = vocab_parallel_hits(logits, layout.labels.transpose(0, 1)).transpose(0, 1)
+        return torch.stack([loss * layout.loss_mask, hits.float() * layout.loss_mask])
 
     def text_embeddings(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings ``[s, b, h]`` from the LLM's (vocab-parallel) embedding."""

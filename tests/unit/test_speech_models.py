@@ -50,6 +50,22 @@ def test_splice_layout_places_each_segment_at_its_placeholder():
     assert layout.labels[1, 2] == 9
 
 
+def test_splice_layout_leaves_text_padding_out():
+    # Sample 1 has the longer audio, sample 0 the longer text: with text_lengths each sample
+    # takes its own length, not its padded row plus its audio.
+    ids = torch.tensor([[1, AUDIO_TOKEN, 5, 6, 7, 8], [1, AUDIO_TOKEN, 9, 0, 0, 0]])
+    answer = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 0, 0, 0]])
+    lengths = torch.tensor([6, 3])
+    layout = splice_layout(ids, answer, torch.tensor([1, 5]), AUDIO_TOKEN, 1, None, lengths)
+    assert layout.length == 7  # sample 1: 1 | a a a a a | 9; padded rows would make it 10
+    assert layout.text_position[1].tolist() == [0, -1, -1, -1, -1, -1, 2]
+    assert layout.loss_mask[1].nonzero().flatten().tolist() == [5]
+    padded = splice_layout(ids, answer, torch.tensor([1, 5]), AUDIO_TOKEN, 1)
+    assert padded.length == 10
+    with pytest.raises(ValueError, match="placeholder lies in a sample's padding"):
+        splice_layout(ids, answer, torch.tensor([1, 5]), AUDIO_TOKEN, 1, None, torch.tensor([6, 1]))
+
+
 def test_splice_layout_rejects_mismatched_placeholders():
     ids = torch.tensor([[1, AUDIO_TOKEN, 5]])
     with pytest.raises(ValueError, match="1 audio placeholders .* but 2 audio segments"):

@@ -1,0 +1,336 @@
+"""The training loop: Megatron-Core schedules, DDP and optimizer around SALM or BESTOW.
+
+Every process of the job runs :func:`train`. A step reads ``num_microbatches`` micro-batches
+(first and last pipeline stages), runs ``forward_backward_func`` (1F1B, or interleaved with
+virtual stages), ``finalize_model_grads`` (via the model config), then the optimizer step unless
+the global gradient norm is NaN/inf. Rank 0 reports; checkpoints resume exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from .. import parallel
+from ..config import Config, ConfigError
+from ..data import load_tokenizer
+from ..models import build_speech_llm
+from . import checkpoint
+from .data import StepBatches, check_tokenizer
+from .optimizer import build_optimizer, current_lr, optimizer_step, wrap_ddp
+from .report import Reporter, peak_memory_gb
+
+log = logging.getLogger("salm.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (the message says why and what was saved)."""
+
+
+def check_training_config(cfg: Config) -> None:
+    """What ``salm config`` cannot know is needed: the fields only training reads."""
+    for name in ("train_shards", "tokenizer"):
+        if getattr(cfg.data, name) is None:
+            raise ConfigError(f"data.{name} is required for training")
+    if cfg.train.eval_interval is not None and cfg.data.valid_shards is None:
+        raise ConfigError(f"train.eval_interval={cfg.train.eval_interval} needs data.valid_shards")
+
+
+def params_dtype(cfg: Config) -> torch.dtype:
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def _to_device(batch: dict | None) -> dict | None:
+    if batch is None or not torch.cuda.is_available():
+        return batch
+    return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+
+
+def _forward_step(data_iterator, model, *, sequence_length: int, with_accuracy: bool):
+    batch = _to_device(next(data_iterator))
+    output = model(batch, sequence_length, with_accuracy=with_accuracy)
+
+    def loss_func(output):
+        loss = output[0] if with_accuracy else output
+        loss_sum = loss.float().sum()
+        tokens = batch["answer_mask"].sum().to(torch.int)
+        stats = {"loss_sum": loss_sum.detach(), "tokens": tokens.detach()}
+        if with_accuracy:
+            stats["hits"] = output[1].float().sum().detach()
+        return loss_sum, tokens, stats
+
+    return output, loss_func
+
+
+class Trainer:
+    """Model, optimizer, data and counters of one run, on one rank."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.train.output_dir)
+        self.checkpoints = self.output_dir / "checkpoints"
+        self.rank0 = torch.distributed.get_rank() == 0
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        check_tokenizer(cfg, self.tokenizer)
+        self.dtype = params_dtype(cfg)
+
+        self.chunks = build_speech_llm(cfg, params_dtype=self.dtype)
+        if torch.cuda.is_available():
+            for chunk in self.chunks:
+                chunk.cuda()
+        self.pad_multiple = self.chunks[0].pad_multiple
+        resume_from = checkpoint.latest_checkpoint(self.checkpoints)
+        if not cfg.checkpoint.resume:
+            resume_from = None
+        if resume_from is None:
+            self._load_pretrained()
+        self.model = wrap_ddp(cfg, self.chunks)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
+        self.data = StepBatches(
+            cfg, self.tokenizer, cfg.data.train_shards, self.pad_multiple,
+            train=True, seed=cfg.seed,
+        )  # fmt: skip
+        self.step, self.samples, self.skipped_steps = 0, 0, 0
+        if resume_from is not None:
+            self._resume(resume_from)
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def _load_pretrained(self) -> None:
+        ckpt = self.cfg.checkpoint
+        if ckpt.pretrained_llm:
+            for chunk in self.chunks:
+                checkpoint.load_pretrained(chunk.llm, ckpt.pretrained_llm, "LLM")
+        if ckpt.pretrained_encoder:
+            first = self.chunks[0]
+            encoder = first.audio.encoder if first.pre_process else None
+            checkpoint.load_pretrained(encoder, ckpt.pretrained_encoder, "encoder")
+
+    def _resume(self, path: Path) -> None:
+        common, own = checkpoint.load(path, self.chunks, self.optimizer)
+        self.scheduler.load_state_dict(common["scheduler"])
+        self.step = common["step"]
+        self.samples, self.skipped_steps = common["samples"], common["skipped_steps"]
+        if own is None:
+            raise TrainingError(
+                f"{path} was saved with data-parallel size {self._saved_dp(path)}, this run has "
+                f"{parallel_state.get_data_parallel_world_size()}: the data stream cannot "
+                "continue where it stopped (keep the data-parallel size, or start a new run "
+                "from it with checkpoint.pretrained_*)"
+            )
+        self.data.load_state_dict(own.get("data"))
+        if "rng" in own:
+            checkpoint.set_rng_state(own["rng"])
+        else:
+            log.warning("layout changed since %s: RNG reseeded from the seed and step", path)
+            parallel.set_seed(self.cfg.seed + self.step)
+        if self.rank0:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    @staticmethod
+    def _saved_dp(path: Path) -> int | str:
+        files = sorted((path / "ranks").glob("rank*.pt"))
+        return torch.load(files[0], weights_only=True)["layout"]["dp"] if files else "unknown"
+
+    def save(self) -> Path:
+        common = {
+            "step": self.step,
+            "samples": self.samples,
+            "skipped_steps": self.skipped_steps,
+            "scheduler": self.scheduler.state_dict(),
+            "config": self.cfg.to_dict(),
+        }
+        path = checkpoint.save(
+            self.checkpoints, self.step, self.chunks, self.optimizer, common,
+            {"data": self.data.state_dict()}, self.cfg.checkpoint.keep,
+        )  # fmt: skip
+        if self.rank0:
+            log.info("saved checkpoint %s", path)
+        return path
+
+    # ------------------------------------------------------------------------------ steps
+
+    def _run_schedule(self, batches, forward_only: bool) -> tuple[list[dict], object]:
+        step = next(batches)
+        n = self.cfg.train.num_microbatches
+        iterators = [
+            iter(step.microbatches if step.microbatches is not None else [None] * n)
+            for _ in self.model
+        ]
+        micro_batch_size = (
+            self.cfg.data.micro_batch_size
+            if step.microbatches is None
+            else len(step.microbatches[0]["input_ids"])
+        )
+        losses = get_forward_backward_func()(
+            forward_step_func=functools.partial(
+                _forward_step, sequence_length=step.sequence_length, with_accuracy=forward_only
+            ),
+            data_iterator=iterators if len(self.model) > 1 else iterators[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=n,
+            seq_length=step.sequence_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
+        return losses, step
+
+    def _totals(self, losses: list[dict], step, skipped_samples: int = 0) -> list[float]:
+        """Sums over the whole job of [loss, answer tokens, hits, samples, LLM tokens, audio
+        seconds, skipped samples]: each rank adds only what it owns (one TP rank of the last
+        stage the losses, of the first stage the data counts)."""
+        values = torch.zeros(7, dtype=torch.float64)
+        first_tp = parallel_state.get_tensor_model_parallel_rank() == 0
+        if first_tp and parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            for item in losses:
+                values[0] += float(item["loss_sum"])
+                values[1] += float(item["tokens"])
+                values[2] += float(item.get("hits", 0.0))
+        if first_tp and parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+            values[3:] = torch.tensor(
+                [step.samples, step.llm_tokens, step.audio_seconds, skipped_samples],
+                dtype=torch.float64,
+            )
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        values = values.to(device)
+        torch.distributed.all_reduce(values)
+        return values.tolist()
+
+    def train_step(self) -> dict:
+        start = time.time()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses, step = self._run_schedule(self.data, forward_only=False)
+        applied, grad_norm = optimizer_step(self.optimizer, self.cfg.optim.clip_grad)
+        if applied:
+            self.scheduler.step(increment=1)
+        self.step += 1
+        skipped_samples = sum(self.data.skipped.values())
+        loss, tokens, _, samples, llm_tokens, audio_s, skipped = self._totals(
+            losses, step, skipped_samples
+        )
+        self.samples += int(samples)
+        if not applied:
+            self.skipped_steps += 1
+        elapsed = time.time() - start
+        self._log_keys(step.keys)
+        return {
+            "step": self.step,
+            "loss": loss / max(tokens, 1.0),
+            "applied": applied,
+            "lr": current_lr(self.optimizer),
+            "grad_norm": grad_norm,
+            "tokens_per_s": llm_tokens / elapsed,
+            "audio_s_per_s": audio_s / elapsed,
+            "samples_per_s": samples / elapsed,
+            "step_time": elapsed,
+            "peak_memory_gb": peak_memory_gb(),
+            "samples": self.samples,
+            "skipped_samples": int(skipped),
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def _log_keys(self, keys: list[str]) -> None:
+        """With ``train.log_sample_keys``: the keys each DP rank consumed, per step."""
+        if not (
+            self.cfg.train.log_sample_keys
+            and keys
+            and parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+        ):
+            return
+        folder = self.output_dir / "sample_keys"
+        folder.mkdir(parents=True, exist_ok=True)
+        dp = parallel_state.get_data_parallel_rank()
+        with open(folder / f"dp{dp}.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, "keys": keys}) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Loss and next-token accuracy on answer tokens over ``train.eval_iters`` global
+        batches of the validation shards (the same batches every time)."""
+        cfg = self.cfg
+        for chunk in self.model:
+            chunk.eval()
+        batches = StepBatches(
+            cfg, self.tokenizer, cfg.data.valid_shards, self.pad_multiple,
+            train=False, seed=cfg.seed,
+        )  # fmt: skip
+        loss = tokens = hits = 0.0
+        try:
+            for _ in range(cfg.train.eval_iters):
+                losses, step = self._run_schedule(batches, forward_only=True)
+                batch_loss, batch_tokens, batch_hits, *_ = self._totals(losses, step)
+                loss, tokens, hits = loss + batch_loss, tokens + batch_tokens, hits + batch_hits
+        finally:
+            for chunk in self.model:
+                chunk.train()
+        tokens = max(tokens, 1.0)
+        return {"step": self.step, "loss": loss / tokens, "accuracy": hits / tokens}
+
+
+def train(cfg: Config) -> dict:
+    """Train as ``cfg`` says, in every process of the job; returns the last step's record."""
+    check_training_config(cfg)
+    parallel.initialize(cfg.parallel, seed=cfg.seed)
+    try:
+        return _train(cfg)
+    finally:
+        parallel.teardown()
+
+
+def _train(cfg: Config) -> dict:
+    rank0 = torch.distributed.get_rank() == 0
+    output_dir = Path(cfg.train.output_dir)
+    resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if rank0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(resolved)
+        log.info("resolved config:\n%s", resolved)
+    trainer = Trainer(cfg)
+    train_cfg, ckpt_cfg = cfg.train, cfg.checkpoint
+    reporter = (
+        Reporter(output_dir, train_cfg.steps, train_cfg.log_interval, trainer.step + 1)
+        if rank0
+        else None
+    )
+    record: dict = {"step": trainer.step}
+    bad_in_a_row = 0
+    try:
+        while trainer.step < train_cfg.steps:
+            record = trainer.train_step()
+            checkpoint.fault_point("step", trainer.step)
+            if reporter:
+                reporter.step(record)
+            bad_in_a_row = 0 if record["applied"] else bad_in_a_row + 1
+            if bad_in_a_row >= train_cfg.max_bad_steps:
+                path = trainer.save()
+                raise TrainingError(
+                    f"{bad_in_a_row} steps in a row had a NaN/inf loss or gradient norm "
+                    f"(last: step {trainer.step}, grad norm {record['grad_norm']}); stopped. "
+                    f"The weights before them are saved in {path}; lower optim.lr or check "
+                    "the data"
+                )
+            if train_cfg.eval_interval and trainer.step % train_cfg.eval_interval == 0:
+                result = trainer.evaluate()
+                if reporter:
+                    reporter.validation(result)
+            last = trainer.step == train_cfg.steps
+            if last or (ckpt_cfg.interval and trainer.step % ckpt_cfg.interval == 0):
+                trainer.save()
+    finally:
+        if reporter:
+            reporter.close()
+    return record
