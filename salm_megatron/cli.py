@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import yaml
@@ -24,7 +25,7 @@ def _config_command(argv: list[str]) -> int:
         "--world-size", type=int, help="also check the layout fits this many processes"
     )
     args = parser.parse_args(argv)
-    if args.file and "=" in args.file:  # only overrides were given
+    if args.file and "=" in args.file and not os.path.exists(args.file):  # only overrides
         args.overrides.insert(0, args.file)
         args.file = None
     try:

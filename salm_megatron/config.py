@@ -649,19 +649,35 @@ class TrainConfig:
     # Micro-batches per data-parallel rank per step (gradient accumulation). A step reads
     # num_microbatches x DP micro-batches (Megatron's global batch size, in micro-batches).
     num_microbatches: int = 1
+    # Samples per step over all DP ranks; when set it decides num_microbatches
+    # (= global_batch_size / (data.micro_batch_size x DP)). Not with data.max_tokens.
+    global_batch_size: Optional[int] = None
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     output_dir: str = "runs/salm"  # checkpoints/, tensorboard/, metrics.jsonl, config.yaml
     log_interval: int = 10  # steps between console progress lines (every step goes to files)
     eval_interval: Optional[int] = None  # steps between validations (needs data.valid_shards)
     eval_iters: int = 10  # global batches per validation (the same ones each time)
     max_bad_steps: int = 5  # consecutive NaN/inf steps (skipped) before stopping
-    log_sample_keys: bool = False  # write every consumed sample key to sample_keys/dp<r>.txt
+    log_sample_keys: bool = False  # write every consumed sample key to sample_keys/dp<r>.jsonl
 
     def __post_init__(self):
         for name in ("steps", "num_microbatches", "log_interval", "eval_iters", "max_bad_steps"):
             _positive(f"train.{name}", getattr(self, name))
         _optional_positive("train.eval_interval", self.eval_interval)
+        _optional_positive("train.global_batch_size", self.global_batch_size)
         _choice("train.precision", self.precision, PRECISIONS)
+
+    def microbatches(self, data: DataConfig, dp_size: int) -> int:
+        """Micro-batches per DP rank per step, from ``global_batch_size`` when it is set."""
+        if self.global_batch_size is None:
+            return self.num_microbatches
+        per_microbatch = data.micro_batch_size * dp_size
+        _require(
+            self.global_batch_size % per_microbatch == 0,
+            f"train.global_batch_size={self.global_batch_size} is not divisible by "
+            f"data.micro_batch_size x data-parallel size = {data.micro_batch_size} x {dp_size}",
+        )
+        return self.global_batch_size // per_microbatch
 
 
 @dataclass
@@ -671,6 +687,8 @@ class CheckpointConfig:
     interval: Optional[int] = 500  # steps between saves; null: only at the end
     keep: Optional[int] = 3  # newest checkpoints kept; null: all
     resume: bool = True  # continue from the newest complete checkpoint when there is one
+    # Write checkpoints in a background process while training goes on; one in flight at a time.
+    async_save: bool = False
     # Megatron dist checkpoints to start from (ignored when resuming): an LLM with GPTModel's keys,
     # an encoder with FastConformerEncoder's (NeMo's) keys. Any TP/PP layout loads.
     pretrained_llm: Optional[str] = None
@@ -706,6 +724,12 @@ class Config:
             self.placeholder_id < self.llm.vocab_size,
             f"model.audio_token_id={self.placeholder_id} is outside the vocabulary "
             f"0..{self.llm.vocab_size - 1} (llm.vocab_size={self.llm.vocab_size})",
+        )
+        _require(
+            self.data.max_tokens is None or self.train.global_batch_size is None,
+            f"train.global_batch_size={self.train.global_batch_size} counts samples, but "
+            f"data.max_tokens={self.data.max_tokens} makes micro-batches of varying size; "
+            "set train.num_microbatches instead",
         )
         _require(
             self.data.max_tokens is None or self.parallel.pipeline_model_parallel_size == 1,

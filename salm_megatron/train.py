@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("file", nargs="?", help="YAML or JSON config (defaults when omitted)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
-    if args.file and "=" in args.file:
+    if args.file and "=" in args.file and not os.path.exists(args.file):
         args.overrides.insert(0, args.file)
         args.file = None
     if not logging.getLogger().handlers:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -44,25 +44,32 @@ def launch(
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         **(env or {}),
     }
-    # Output to a file and a session of its own: a rank killed with SIGKILL leaves orphans (the
-    # Manager process dist_checkpointing spawns) that would hold a pipe open; the whole session
-    # is killed once torchrun returns.
+    # Output to a file, and every process of the job tagged: a rank killed with SIGKILL leaves
+    # orphans (the Manager process dist_checkpointing spawns) that would hold a pipe open and
+    # outlive the test; whatever carries the tag is killed once torchrun returns.
+    full_env["SALM_TEST_JOB"] = tag = uuid.uuid4().hex
     with tempfile.TemporaryFile(mode="w+") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
         try:
             returncode = proc.wait(timeout=timeout)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tagged(tag)
             proc.wait()
         log.seek(0)
         output = log.read()
     if check and returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({returncode}):\n{output[-6000:]}")
     return output
+
+
+def _kill_tagged(tag: str) -> None:
+    """SIGKILL every process whose environment has ``SALM_TEST_JOB=tag``."""
+    import psutil
+
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get("SALM_TEST_JOB") == tag:
+                process.kill()
 
 
 def nemo_reference():

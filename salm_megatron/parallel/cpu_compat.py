@@ -3,9 +3,9 @@
 Megatron-Core assumes a GPU in a handful of places: it calls ``torch.cuda.current_device()`` and
 ``torch.cuda.synchronize()``, makes tensors with ``device="cuda"`` in the schedules, DDP buffers,
 optimizers and grad clipping, asserts ``Tensor.type()`` strings such as ``'torch.cuda.FloatTensor'``
-in the optimizers, and forks the CUDA RNG for model-parallel randomness. :func:`apply` routes
-each of those to the CPU. :func:`salm_megatron.parallel.initialize` calls it; it does nothing
-when CUDA is available, so GPU runs see an untouched Megatron-Core.
+in the optimizers, and forks (and, for activation recompute, saves and restores) the CUDA RNG.
+:func:`apply` routes each of those to the CPU. :func:`salm_megatron.parallel.initialize` calls
+it; it does nothing when CUDA is available, so GPU runs see an untouched Megatron-Core.
 
 Everything here is a redirection, never a change of arithmetic: the same Megatron code paths run,
 only their tensors live in host memory.
@@ -208,6 +208,9 @@ def apply() -> bool:
 
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Activation recompute saves and restores "the CUDA generator": here, the CPU's.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
 
     _applied = True
     log.debug("Megatron-Core CPU compatibility layer applied")

@@ -18,6 +18,7 @@ from the seed and step, with a warning).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.optimizer import distrib_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.transformer.utils import sharded_state_dict_default
@@ -162,9 +164,16 @@ def save(
     common: dict,
     rank_state: dict,
     keep: int | None,
+    async_queue: AsyncCallsQueue | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` (collective). ``common`` must be equal on every rank."""
-    final, tmp = root / step_name(step), root / f".{step_name(step)}.tmp"
+    """Write checkpoint ``step`` (collective). ``common`` must be equal on every rank.
+
+    With ``async_queue`` the tensors are written by a forked process while training goes on
+    (on GPU they are first copied to host memory; on CPU the fork's copy-on-write snapshot
+    holds them still); the checkpoint becomes complete when the queue finalizes the request
+    (``async_queue.maybe_finalize_async_calls``). Until then it is only a temporary folder.
+    """
+    tmp = root / f".{step_name(step)}.tmp"
     rank = dist.get_rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -173,13 +182,26 @@ def save(
         tmp.mkdir(parents=True)
     dist.barrier()
     sharded = _sharded(chunks, optimizer, {"format": FORMAT, **common}, loading=False)
-    dist_checkpointing.save(sharded, str(tmp))
+    request = dist_checkpointing.save(sharded, str(tmp), async_sharded_save=async_queue is not None)
     own = {"layout": layout(), **coordinates(), **rank_state, "rng": rng_state()}
     (tmp / "ranks").mkdir(exist_ok=True)
     torch.save(own, tmp / "ranks" / f"rank{rank:05d}.pt")
-    dist.barrier()
+    complete = functools.partial(_complete, root, step, keep)
+    if async_queue is None:
+        dist.barrier()
+        complete()
+    else:
+        request.add_finalize_fn(complete)
+        async_queue.schedule_async_request(request)
+    return root / step_name(step)
+
+
+def _complete(root: Path, step: int, keep: int | None) -> None:
+    """Every rank has written its part: rename the folder complete, point ``latest`` at it,
+    drop the oldest beyond ``keep`` (collective)."""
     fault_point("checkpoint", step)
-    if rank == 0:
+    final, tmp = root / step_name(step), root / f".{step_name(step)}.tmp"
+    if dist.get_rank() == 0:
         if final.exists():  # the same step saved before a crash and resume: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -187,8 +209,8 @@ def save(
         if keep is not None:
             for old in complete_checkpoints(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint %s complete", final)
     dist.barrier()
-    return final
 
 
 @contextlib.contextmanager

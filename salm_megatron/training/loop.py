@@ -8,6 +8,7 @@ the global gradient norm is NaN/inf. Rank 0 reports; checkpoints resume exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from .. import parallel
@@ -25,7 +27,13 @@ from ..data import load_tokenizer
 from ..models import build_speech_llm
 from . import checkpoint
 from .data import StepBatches, check_tokenizer
-from .optimizer import build_optimizer, current_lr, optimizer_step, wrap_ddp
+from .optimizer import (
+    average_batchnorm_statistics,
+    build_optimizer,
+    current_lr,
+    optimizer_step,
+    wrap_ddp,
+)
 from .report import Reporter, peak_memory_gb
 
 log = logging.getLogger("salm.train")
@@ -102,6 +110,7 @@ class Trainer:
             train=True, seed=cfg.seed,
         )  # fmt: skip
         self.step, self.samples, self.skipped_steps = 0, 0, 0
+        self.async_queue = AsyncCallsQueue() if cfg.checkpoint.async_save else None
         if resume_from is not None:
             self._resume(resume_from)
 
@@ -151,13 +160,26 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "config": self.cfg.to_dict(),
         }
+        if self.async_queue is not None:  # one checkpoint in flight at a time
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
         path = checkpoint.save(
             self.checkpoints, self.step, self.chunks, self.optimizer, common,
-            {"data": self.data.state_dict()}, self.cfg.checkpoint.keep,
+            {"data": self.data.state_dict()}, self.cfg.checkpoint.keep, self.async_queue,
         )  # fmt: skip
-        if self.rank0:
-            log.info("saved checkpoint %s", path)
+        if self.rank0 and self.async_queue is not None:
+            log.info("writing checkpoint %s in the background", path)
         return path
+
+    def finish_checkpoints(self, blocking: bool = False) -> None:
+        """Complete the background checkpoints that are written (all of them when blocking)."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def abandon_checkpoints(self) -> None:
+        """On an error: stop background writers without completing them (their folders stay
+        temporary, so resume never picks them)."""
+        if self.async_queue is not None:
+            self.async_queue.close(abort=True)
 
     # ------------------------------------------------------------------------------ steps
 
@@ -214,6 +236,7 @@ class Trainer:
         self.optimizer.zero_grad()
         losses, step = self._run_schedule(self.data, forward_only=False)
         applied, grad_norm = optimizer_step(self.optimizer, self.cfg.optim.clip_grad)
+        average_batchnorm_statistics(self.chunks)
         if applied:
             self.scheduler.step(increment=1)
         self.step += 1
@@ -286,6 +309,11 @@ def train(cfg: Config) -> dict:
     check_training_config(cfg)
     parallel.initialize(cfg.parallel, seed=cfg.seed)
     try:
+        dp_size = parallel_state.get_data_parallel_world_size()
+        microbatches = cfg.train.microbatches(cfg.data, dp_size)
+        cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, num_microbatches=microbatches)
+        )
         return _train(cfg)
     finally:
         parallel.teardown()
@@ -312,11 +340,13 @@ def _train(cfg: Config) -> dict:
         while trainer.step < train_cfg.steps:
             record = trainer.train_step()
             checkpoint.fault_point("step", trainer.step)
+            trainer.finish_checkpoints()
             if reporter:
                 reporter.step(record)
             bad_in_a_row = 0 if record["applied"] else bad_in_a_row + 1
             if bad_in_a_row >= train_cfg.max_bad_steps:
                 path = trainer.save()
+                trainer.finish_checkpoints(blocking=True)
                 raise TrainingError(
                     f"{bad_in_a_row} steps in a row had a NaN/inf loss or gradient norm "
                     f"(last: step {trainer.step}, grad norm {record['grad_norm']}); stopped. "
@@ -330,6 +360,12 @@ def _train(cfg: Config) -> dict:
             last = trainer.step == train_cfg.steps
             if last or (ckpt_cfg.interval and trainer.step % ckpt_cfg.interval == 0):
                 trainer.save()
+        trainer.finish_checkpoints(blocking=True)
+    except TrainingError:
+        raise
+    except BaseException:
+        trainer.abandon_checkpoints()
+        raise
     finally:
         if reporter:
             reporter.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -21,7 +22,7 @@ from megatron.core.optimizer import (
 )
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from ..config import Config
+from ..config import Config, ConfigError
 
 
 def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
@@ -39,6 +40,32 @@ def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[DistributedData
         )
         for i, chunk in enumerate(chunks)
     ]
+
+
+@torch.no_grad()
+def average_batchnorm_statistics(chunks: list[torch.nn.Module]) -> None:
+    """Average BatchNorm running statistics (the encoder's) over data-parallel ranks.
+
+    Megatron's DDP reduces gradients only; buffers would drift apart, as each DP rank sees its
+    own data. Averaged after every step they stay equal, so every rank evaluates alike and a
+    checkpoint (which stores one copy) holds the whole state.
+    """
+    if parallel_state.get_data_parallel_world_size() == 1:
+        return
+    stats = [
+        buffer
+        for chunk in chunks
+        for module in chunk.modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+        for buffer in (module.running_mean, module.running_var)
+    ]
+    if not stats:
+        return
+    flat = torch.cat([b.float().flatten() for b in stats])
+    torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+    flat /= parallel_state.get_data_parallel_world_size()
+    for buffer, value in zip(stats, flat.split([b.numel() for b in stats]), strict=True):
+        buffer.copy_(value.view_as(buffer))
 
 
 def param_group_overrides(cfg: Config) -> dict:
@@ -64,7 +91,7 @@ def build_optimizer(
     """Adam (decoupled weight decay) over the trainable parameters, and its LR schedule."""
     optim = cfg.optim
     if not any(p.requires_grad for chunk in model for p in chunk.parameters()):
-        raise ValueError("nothing to train: model.freeze_llm/encoder/adapter freeze every part")
+        raise ConfigError("nothing to train: model.freeze_llm/encoder/adapter freeze every part")
     config = OptimizerConfig(
         optimizer="adam",
         lr=optim.lr,

@@ -69,30 +69,34 @@ def test_loss_falls(data_dir, tmp_path, arch):
 
 def test_killed_runs_resume_exactly(data_dir, tmp_path):
     """DP=2 (the distributed optimizer shards over it; each DP rank reads its own samples)."""
-    common = ("train.steps=12", "checkpoint.interval=4", "train.log_sample_keys=true")
+    common = ("train.steps=12", "checkpoint.interval=4", "train.log_sample_keys=true",
+              "train.eval_interval=3", "train.eval_iters=1")  # fmt: skip
     whole, broken = tmp_path / "whole", tmp_path / "broken"
+    ckpts = broken / "checkpoints"
     train(data_dir, whole, 2, *common)
 
-    # Killed (SIGKILL, rank 0) after step 6: the newest complete checkpoint is step 4.
-    out = train(data_dir, broken, 2, *common, env={"SALM_FAULT": "step:6"}, check=False)
-    assert "SALM_FAULT: killing rank 0 at step of step 6" in out
-    assert (broken / "checkpoints" / "latest").read_text() == "step_0000004"
-    # Resumed, then killed while writing checkpoint 8: its files are there, unrenamed.
-    out = train(data_dir, broken, 2, *common, env={"SALM_FAULT": "checkpoint:8"}, check=False)
-    assert "resumed from" in out and "step_0000004 at step 4" in out
+    # Background checkpoints; SIGKILL (rank 0) while completing checkpoint 8: its files are
+    # written but the folder is not renamed, so the newest complete one is step 4.
+    out = train(data_dir, broken, 2, *common, "checkpoint.async_save=true",
+                env={"SALM_FAULT": "checkpoint:8"}, check=False)  # fmt: skip
     assert "SALM_FAULT: killing rank 0 at checkpoint of step 8" in out
-    ckpts = broken / "checkpoints"
     assert (ckpts / ".step_0000008.tmp" / "metadata.json").is_file()
     assert (ckpts / "latest").read_text() == "step_0000004"
-    # Resumed again from step 4; runs to the end.
+    # Resumed from the background-written step 4; killed between checkpoints, after step 10.
+    out = train(data_dir, broken, 2, *common, env={"SALM_FAULT": "step:10"}, check=False)
+    assert "resumed from" in out and "step_0000004 at step 4" in out
+    assert "SALM_FAULT: killing rank 0 at step of step 10" in out
+    assert (ckpts / "latest").read_text() == "step_0000008"
+    # Resumed from step 8; runs to the end.
     out = train(data_dir, broken, 2, *common)
-    assert "step_0000004 at step 4" in out
+    assert "step_0000008 at step 8" in out
 
     expected, got = records(whole), records(broken)
     assert sorted(got) == list(range(1, 13))
     for step, record in expected.items():  # fp32 on CPU: bit for bit
         assert got[step]["loss"] == record["loss"], (step, got[step]["loss"], record["loss"])
         assert got[step]["grad_norm"] == record["grad_norm"], step
+    assert records(broken, "valid") == records(whole, "valid")  # validation leaves no trace
     assert sample_keys(broken) == sample_keys(whole)
     assert len(sample_keys(whole)) == 24  # 12 steps x 2 DP ranks
     assert sorted(p.name for p in ckpts.iterdir()) == [
