@@ -6,6 +6,9 @@ One process (TP=PP=1) on the GPU when there is one, else the CPU. Prints:
   in audio seconds per second (inference, no gradients);
 - SALM and BESTOW: forward + backward of the whole model on the same batch (the same audio and
   text), in seconds per step, with the length of the sequence the LLM reads.
+
+``salm bench-decode`` (:func:`decode_main`) times generation on the same kind of batch, and
+``salm bench-data`` (:func:`data_main`) the data loader.
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ def _time(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _batch(cfg: Config, batch: int, seconds: float, prompt: int, answer: int, device) -> dict:
+def _samples(cfg: Config, batch: int, seconds: float, prompt: int, answer: int) -> list:
     """``batch`` clips of noise-like audio, each with a ``prompt``-token prompt and an answer."""
-    from .data import SpeechSample, collate
+    from .data import SpeechSample
 
     g = torch.Generator().manual_seed(0)
     samples = []
@@ -55,16 +58,28 @@ def _batch(cfg: Config, batch: int, seconds: float, prompt: int, answer: int, de
         ids = placeholder + text
         mask = [0] * (len(placeholder) + prompt) + [1] * answer
         samples.append(SpeechSample(ids, mask, [audio]))
+    return samples
+
+
+def _batch(cfg: Config, batch: int, seconds: float, prompt: int, answer: int, device) -> dict:
+    from .data import collate
+
+    samples = _samples(cfg, batch, seconds, prompt, answer)
     return {k: v.to(device) for k, v in collate(samples).items()}
 
 
-def _measure(cfg: Config, args, device, dtype) -> tuple[float, float, int]:
-    """Encoder forward time, model forward+backward time and LLM sequence length for one arch."""
+def _model(cfg: Config, device, dtype) -> torch.nn.Module:
+    """The whole model (TP=PP=1), randomly initialised from ``cfg.seed``, on ``device``."""
     from .models import build_speech_llm
 
     torch.manual_seed(cfg.seed)
     (model,) = build_speech_llm(cfg, params_dtype=dtype)
-    model.to(device)
+    return model.to(device)
+
+
+def _measure(cfg: Config, args, device, dtype) -> tuple[float, float, int]:
+    """Encoder forward time, model forward+backward time and LLM sequence length for one arch."""
+    model = _model(cfg, device, dtype)
     batch = _batch(cfg, args.batch, args.seconds, args.prompt, args.answer, device)
     model.eval()
     with torch.no_grad():
@@ -80,7 +95,8 @@ def _measure(cfg: Config, args, device, dtype) -> tuple[float, float, int]:
     return encode, _time(step, args.warmup, args.repeats), model.layout(batch, None).length
 
 
-def run(cfg: Config, args) -> None:
+def _start(cfg: Config, args) -> tuple[torch.device, torch.dtype]:
+    """One-process parallel state; the device and dtype, printed with the model's sizes."""
     from . import parallel
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -90,17 +106,28 @@ def run(cfg: Config, args) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     on_gpu = device.type == "cuda"
     where = torch.cuda.get_device_name() if on_gpu else f"CPU x{torch.get_num_threads()}"
-    audio_seconds = args.batch * args.seconds
     print(f"device {where}, {args.dtype}; batch {args.batch} x {args.seconds:g} s of audio")
     print(
         f"encoder d_model {cfg.encoder.d_model} x {cfg.encoder.num_layers} layers, adapter "
         f"{cfg.adapter.type}; LLM hidden {cfg.llm.hidden_size} x {cfg.llm.num_layers} layers"
     )
+    return device, dtype
+
+
+def _free(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run(cfg: Config, args) -> None:
+    from . import parallel
+
+    device, dtype = _start(cfg, args)
+    audio_seconds = args.batch * args.seconds
     results = {}
     for arch in ("salm", "bestow"):
         results[arch] = _measure(apply_overrides(cfg, [f"model.arch={arch}"]), args, device, dtype)
-        if on_gpu:
-            torch.cuda.empty_cache()
+        _free(device)
 
     encode = results["salm"][0]
     print(f"encoder forward: {encode * 1e3:8.1f} ms/batch  {audio_seconds / encode:9.1f} audio s/s")
@@ -113,38 +140,142 @@ def run(cfg: Config, args) -> None:
     parallel.teardown()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """The options both model benchmarks take."""
     parser = argparse.ArgumentParser(
-        prog="salm bench",
-        description=__doc__,
+        prog=prog,
+        description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: salm bench encoder.preset=fastconformer-large --batch 4 --seconds 10",
+        epilog=epilog,
     )
     parser.add_argument("overrides", nargs="*", help="config key.sub=value overrides")
     parser.add_argument("--batch", type=int, default=4, help="clips per batch (default 4)")
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length (default 10)")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
-    parser.add_argument("--answer", type=int, default=48, help="answer tokens (default 48)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; median (default 3)")
+    return parser
+
+
+def _parse(parser, argv, positive: tuple[str, ...]) -> tuple[argparse.Namespace, Config | None]:
+    """Checked arguments and the config they resolve to (None, explained, on a config error)."""
     args = parser.parse_args(argv)
-    for name in ("batch", "prompt", "answer", "repeats"):
+    for name in ("batch", "prompt", "repeats", *positive):
         if getattr(args, name) < 1:
-            parser.error(f"--{name}={getattr(args, name)} must be at least 1")
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
+    if args.warmup < 0:
+        parser.error(f"--warmup={args.warmup} must be at least 0")
     if not 0 < args.seconds <= 600 or math.isnan(args.seconds):
         parser.error(f"--seconds={args.seconds} must be in (0, 600]")
     try:
-        cfg = apply_overrides(Config(), args.overrides)
+        return args, apply_overrides(Config(), args.overrides)
     except ConfigError as err:
-        print(f"salm bench: error: {err}", file=sys.stderr)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return args, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser(
+        "salm bench",
+        __doc__,
+        "example: salm bench encoder.preset=fastconformer-large --batch 4 --seconds 10",
+    )
+    parser.add_argument("--answer", type=int, default=48, help="answer tokens (default 48)")
+    args, cfg = _parse(parser, argv, ("answer",))
+    if cfg is None:
         return 2
     run(cfg, args)
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+# ------------------------------------------------------------------------------------- decoding
+
+
+def _decode(cfg: Config, args, device, dtype) -> list[tuple[str, float, int]]:
+    """(strategy, median seconds per batch, new tokens returned) for one arch."""
+    import dataclasses
+
+    from .inference.generation import Generator
+
+    model = _model(cfg, device, dtype)
+    samples = _samples(cfg, args.batch, args.seconds, args.prompt, 0)
+    greedy = dataclasses.replace(cfg.decode, strategy="greedy", max_new_tokens=args.new_tokens)
+    beam = dataclasses.replace(greedy, strategy="beam", beam_size=args.beam_size)
+    runs = [("greedy, KV cache", greedy, True)]
+    if args.uncached or args.new_tokens <= 64:
+        runs.append(("greedy, no cache", greedy, False))
+    runs.append((f"beam {args.beam_size}, KV cache", beam, True))
+
+    def timed(decoding, use_cache: bool) -> tuple[float, int]:
+        # No stop token can be produced: every strategy returns exactly --new-tokens per clip.
+        generator = Generator(
+            model,
+            decoding,
+            stop_ids={-1},
+            vocab_size=cfg.llm.vocab_size,
+            banned_ids=(cfg.placeholder_id,),
+        )
+        outputs = []
+        seconds = _time(
+            lambda: outputs.append(generator.generate(samples, use_cache)),
+            args.warmup,
+            args.repeats,
+        )
+        return seconds, sum(map(len, outputs[-1]))
+
+    return [(name, *timed(decoding, use_cache)) for name, decoding, use_cache in runs]
+
+
+def decode_run(cfg: Config, args) -> None:
+    from . import parallel
+    from .inference.loading import generation_config
+
+    cfg = generation_config(cfg, 1, [])  # what salm eval decodes with: local spec, no SP
+    device, dtype = _start(cfg, args)
+    audio_seconds = args.batch * args.seconds
+    print(
+        f"{args.prompt} prompt tokens, {args.new_tokens} new tokens per clip; RTF = decode time / "
+        f"audio time; median of {args.repeats}"
+    )
+    archs = ("salm", "bestow") if args.arch == "both" else (args.arch,)
+    for arch in archs:
+        results = _decode(apply_overrides(cfg, [f"model.arch={arch}"]), args, device, dtype)
+        _free(device)
+        times = {name: seconds for name, seconds, _ in results}
+        for name, seconds, tokens in results:
+            line = (
+                f"{arch:>6} {name:<18} {seconds * 1e3:9.1f} ms/batch  {tokens / seconds:8.1f} "
+                f"new tokens/s  RTF {seconds / audio_seconds:7.4f}"
+            )
+            if name == "greedy, no cache":
+                line += f"  cache speed-up {seconds / times['greedy, KV cache']:.2f}x"
+            print(line, flush=True)
+    parallel.teardown()
+
+
+def decode_main(argv: list[str] | None = None) -> int:
+    """``salm bench-decode``: generation speed, greedy (with and without the KV cache) and beam."""
+    parser = _parser(
+        "salm bench-decode",
+        "Decoding speed of a randomly initialised SALM and BESTOW on one process: greedy with and "
+        "without the KV cache, and beam search. No stop token is allowed, so every strategy "
+        "produces exactly --new-tokens per clip; the time includes the audio encoder and the "
+        "prompt, as salm eval pays them.",
+        "example: salm bench-decode encoder.preset=fastconformer-large --batch 4 --seconds 10 "
+        "--new-tokens 32 --beam-size 4",
+    )
+    parser.add_argument("--arch", choices=("salm", "bestow", "both"), default="both")
+    parser.add_argument("--new-tokens", type=int, default=32, help="per clip (default 32)")
+    parser.add_argument("--beam-size", type=int, default=4, help="beam width (default 4)")
+    parser.add_argument(
+        "--uncached", action="store_true", help="time greedy without the cache above 64 tokens too"
+    )
+    args, cfg = _parse(parser, argv, ("new_tokens", "beam_size"))
+    if cfg is None:
+        return 2
+    decode_run(cfg, args)
+    return 0
 
 
 def _synthetic_shards(folder: str, clips: int, seconds: float) -> list[str]:
@@ -222,3 +353,7 @@ def data_main(argv: list[str] | None = None) -> int:
         f"(read, decode, resample and log-mel in each worker, one thread each)"
     )
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

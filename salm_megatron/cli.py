@@ -52,6 +52,12 @@ def _bench_data_command(argv: list[str]) -> int:
     return data_main(argv)
 
 
+def _bench_decode_command(argv: list[str]) -> int:
+    from .bench import decode_main
+
+    return decode_main(argv)
+
+
 def _bench_command(argv: list[str]) -> int:
     from .bench import main as bench_main
 
@@ -64,6 +70,18 @@ def _train_command(argv: list[str]) -> int:
     return train_main(argv)
 
 
+def _eval_command(argv: list[str]) -> int:
+    from .inference.commands import eval_main
+
+    return eval_main(argv)
+
+
+def _transcribe_command(argv: list[str]) -> int:
+    from .inference.commands import transcribe_main
+
+    return transcribe_main(argv)
+
+
 def _shards_command(argv: list[str]) -> int:
     from .data.shards import main as shards_main
 
@@ -72,10 +90,16 @@ def _shards_command(argv: list[str]) -> int:
 
 COMMANDS = {
     "train": (_train_command, "train SALM or BESTOW from a config (also under torchrun)"),
+    "eval": (_eval_command, "decode shards with a checkpoint; WER/BLEU/accuracy per task"),
+    "transcribe": (_transcribe_command, "transcribe (or answer about) audio files"),
     "config": (_config_command, "print and validate a resolved config"),
     "demo": (_demo_command, "train a tiny model on 2 CPU processes (TP=2) and show the loss fall"),
     "bench": (_bench_command, "encoder throughput and SALM vs BESTOW step time on this machine"),
     "bench-data": (_bench_data_command, "loader throughput: decode + log-mel, per worker"),
+    "bench-decode": (
+        _bench_decode_command,
+        "decoding speed: greedy vs beam, with and without the KV cache",
+    ),
     "shards": (_shards_command, "NeMo-style JSONL manifests -> webdataset shards + index.json"),
 }
 

@@ -657,6 +657,9 @@ class TrainConfig:
     log_interval: int = 10  # steps between console progress lines (every step goes to files)
     eval_interval: Optional[int] = None  # steps between validations (needs data.valid_shards)
     eval_iters: int = 10  # global batches per validation (the same ones each time)
+    # Validation also decodes this many validation samples (decode.*) and reports WER and answer
+    # accuracy, as `salm eval` scores them. Needs PP=1 and no SP (decoding runs on one stage).
+    eval_wer_samples: int = 0
     max_bad_steps: int = 5  # consecutive NaN/inf steps (skipped) before stopping
     log_sample_keys: bool = False  # write every consumed sample key to sample_keys/dp<r>.jsonl
 
@@ -665,6 +668,10 @@ class TrainConfig:
             _positive(f"train.{name}", getattr(self, name))
         _optional_positive("train.eval_interval", self.eval_interval)
         _optional_positive("train.global_batch_size", self.global_batch_size)
+        _require(
+            isinstance(self.eval_wer_samples, int) and self.eval_wer_samples >= 0,
+            f"train.eval_wer_samples={self.eval_wer_samples!r} must be an integer >= 0",
+        )
         _choice("train.precision", self.precision, PRECISIONS)
 
     def microbatches(self, data: DataConfig, dp_size: int) -> int:
@@ -699,6 +706,40 @@ class CheckpointConfig:
         _optional_positive("checkpoint.keep", self.keep)
 
 
+# ---------------------------------------------------------------------------------- generation
+
+DECODING_STRATEGIES = ("greedy", "sample", "beam")
+
+
+@dataclass
+class DecodeConfig:
+    """How ``salm eval`` / ``salm transcribe`` generate (see ``inference/generation.py``)."""
+
+    strategy: str = "greedy"  # greedy | sample | beam
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # sample: logits / temperature
+    top_k: int = 0  # sample: only the k likeliest tokens (0: all)
+    top_p: float = 1.0  # sample: the smallest set of tokens holding this probability
+    seed: int = 0  # sample: the same seed draws the same text
+    beam_size: int = 4
+    length_penalty: float = 1.0  # beam: hypotheses ranked by log-prob / length ** this
+    batch_size: int = 8  # utterances decoded together
+
+    def __post_init__(self):
+        _choice("decode.strategy", self.strategy, DECODING_STRATEGIES)
+        for name in ("max_new_tokens", "beam_size", "batch_size"):
+            _positive(f"decode.{name}", getattr(self, name))
+        _require(self.temperature > 0, f"decode.temperature={self.temperature} must be > 0")
+        _require(
+            isinstance(self.top_k, int) and self.top_k >= 0,
+            f"decode.top_k={self.top_k!r} must be an integer >= 0",
+        )
+        _require(0 < self.top_p <= 1, f"decode.top_p={self.top_p} must be in (0, 1]")
+        _require(
+            self.length_penalty >= 0, f"decode.length_penalty={self.length_penalty} must be >= 0"
+        )
+
+
 # ------------------------------------------------------------------------------------------ whole
 
 
@@ -716,6 +757,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     seed: int = 1234
 
     def __post_init__(self):

@@ -77,6 +77,27 @@ def speech_samples(arch: str) -> list[SpeechSample]:
     return samples
 
 
+def wake_zero_outputs(model) -> None:
+    """Random values for BESTOW's zero-initialised output projections, which would otherwise
+    hide its block (from gradients, and from decoding)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "cross_attention" in name and p.abs().sum() == 0:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+
+
+def prompt_samples(arch: str) -> list[SpeechSample]:
+    """Three prompts to continue: audio of different lengths and prompt lengths, and one without
+    audio (so the batch's left padding differs per sample)."""
+    specs = [([0.41], [5, 6]), ([0.88], [7, 8, 9, 10, 11]), ([], [12])]
+    samples = []
+    for i, (seconds, tokens) in enumerate(specs):
+        ids = prompt(tokens, arch, len(seconds))
+        audio = [waveform(s, seed=100 + i) for s in seconds]
+        samples.append(SpeechSample(ids, [0] * len(ids), audio, key=f"prompt{i}"))
+    return samples
+
+
 CORPUS = [
     "transcribe the audio please",
     "the quick brown fox jumps over the lazy dog",

@@ -73,3 +73,13 @@ def build_prompt(
     else:
         raise ValueError(f"prompt format {fmt!r} is not one of {', '.join(PROMPT_FORMATS)}")
     return Prompt(prompt + reply, [0] * len(prompt) + [1] * len(reply))
+
+
+def generation_prompt(
+    tokenizer: Tokenizer, fmt: str, context: str, audio_segments: int = 1
+) -> tuple[list[int], int]:
+    """The tokens a model continues to answer (everything before the answer), and the token
+    that ends an answer in ``fmt`` (EOS, or ``<|eot_id|>`` for Llama 3)."""
+    prompt = build_prompt(tokenizer, fmt, context, "", audio_segments)
+    start = prompt.answer_mask.index(1)
+    return prompt.input_ids[:start], prompt.input_ids[-1]

@@ -7,7 +7,7 @@ from typing import Any
 
 from .batching import Resumable
 from .collate import SpeechSample
-from .prompts import build_prompt, instruction
+from .prompts import build_prompt, generation_prompt, instruction
 from .tokenizers import Tokenizer
 
 
@@ -17,6 +17,14 @@ def make_sample(raw: dict, tokenizer: Tokenizer, prompt_format: str, arch: str) 
     segments = 1 if arch == "salm" else 0
     prompt = build_prompt(tokenizer, prompt_format, context, raw["answer"], segments)
     return SpeechSample(prompt.input_ids, prompt.answer_mask, [raw["audio"]], key=raw.get("key"))
+
+
+def prompt_sample(raw: dict, tokenizer: Tokenizer, prompt_format: str, arch: str) -> SpeechSample:
+    """What a model continues to answer a decoded sample (its prompt, no answer)."""
+    context = instruction(raw.get("task"), raw.get("context"), raw.get("lang"))
+    segments = 1 if arch == "salm" else 0
+    ids, _ = generation_prompt(tokenizer, prompt_format, context, segments)
+    return SpeechSample(ids, [0] * len(ids), [raw["audio"]], key=raw.get("key"))
 
 
 class Mapped:

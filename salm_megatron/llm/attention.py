@@ -58,7 +58,9 @@ class SDPAttention(MegatronModule):
         mask_type = attn_mask_type or self.attn_mask_type
         causal = mask_type == AttnMaskType.causal
         mask = None
-        if attention_mask is not None and mask_type != AttnMaskType.no_mask:
+        # A given mask always applies, even when Megatron's decoding switches the mask type to
+        # no_mask after the prompt: generation masks its left padding with it.
+        if attention_mask is not None:
             mask = ~attention_mask  # SDPA: True = attend
             if causal:
                 sq, sk = query.shape[0], key.shape[0]

@@ -8,15 +8,17 @@ input untouched. Replicated on every TP rank (same inputs, same weights, same gr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ..config import BestowConfig
-from .speech_llm import Layout, SpeechLLM, next_token_targets, padded_length
+from .speech_llm import Layout, SpeechLLM, left_align, next_token_targets, padded_length
 
 
 class Attention(torch.nn.Module):
-    """Multi-head attention over ``[b, t, h]`` with a boolean key mask (True = attend)."""
+    """Multi-head attention over ``[b, t, h]``; masks are boolean, True = attend."""
 
     def __init__(self, hidden: int, heads: int, dropout: float):
         super().__init__()
@@ -29,23 +31,56 @@ class Attention(torch.nn.Module):
         torch.nn.init.zeros_(self.out.weight)
         torch.nn.init.zeros_(self.out.bias)
 
-    def forward(self, x, memory, key_mask=None, causal=False):
-        b, t, h = x.shape
+    def _heads(self, y: torch.Tensor) -> torch.Tensor:  # [b, t, h] -> [b, heads, t, h / heads]
+        b, _, h = y.shape
+        return y.view(b, -1, self.heads, h // self.heads).transpose(1, 2)
 
-        def heads(y):  # [b, t, h] -> [b, heads, t, h / heads]
-            return y.view(b, -1, self.heads, h // self.heads).transpose(1, 2)
-
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``memory [b, t, h]``, each ``[b, heads, t, h / heads]`` (what a
+        decoding cache keeps)."""
         key, value = self.key_value(memory).chunk(2, dim=-1)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return self._heads(key), self._heads(value)
+
+    def attend(self, x, key, value, mask=None, causal=False):
+        """``x [b, t, h]`` attends to ``key``/``value``; ``mask`` ``[b, 1 | t, k]``."""
+        b, t, h = x.shape
         out = F.scaled_dot_product_attention(
-            heads(self.query(x)),
-            heads(key),
-            heads(value),
-            attn_mask=mask,
+            self._heads(self.query(x)),
+            key,
+            value,
+            attn_mask=None if mask is None else mask[:, None],
             is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.out(out.transpose(1, 2).reshape(b, t, h))
+
+    def forward(self, x, memory, key_mask=None, causal=False):
+        mask = None if key_mask is None else key_mask[:, None, :]
+        return self.attend(x, *self.keys_values(memory), mask, causal)
+
+
+class BestowCache:
+    """Decoding state of a BESTOW block: per layer, the text's self-attention keys/values so far
+    and the audio's cross-attention keys/values (computed once per utterance)."""
+
+    def __init__(self, num_layers: int):
+        self.text: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.audio: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+
+    def extend(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        """Append this step's text keys/values; return all so far."""
+        if self.text[layer] is not None:
+            key = torch.cat([self.text[layer][0], key], dim=2)
+            value = torch.cat([self.text[layer][1], value], dim=2)
+        self.text[layer] = (key, value)
+        return key, value
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (beam search)."""
+        for entries in (self.text, self.audio):
+            for i, kv in enumerate(entries):
+                if kv is not None:
+                    entries[i] = (kv[0][index], kv[1][index])
 
 
 class BestowLayer(torch.nn.Module):
@@ -63,13 +98,25 @@ class BestowLayer(torch.nn.Module):
         torch.nn.init.zeros_(self.mlp[2].weight)
         torch.nn.init.zeros_(self.mlp[2].bias)
 
-    def forward(self, x, audio, audio_valid, has_audio):
+    def forward(self, x, audio, audio_valid, has_audio, text_mask=None, cache=None, index=0):
+        """``text_mask [b, t, k]`` (True = attend) replaces the causal mask when given (left-padded
+        prompts); with ``cache`` (a :class:`BestowCache`, this is layer ``index``) ``x`` holds only
+        the new positions and attends to the earlier ones too."""
         y = self.self_attention_norm(x)
-        x = x + self.self_attention(y, y, causal=True)
+        key, value = self.self_attention.keys_values(y)
+        if cache is not None:
+            key, value = cache.extend(index, key, value)
+        x = x + self.self_attention.attend(y, key, value, text_mask, causal=text_mask is None)
         # Samples without audio attend to their (zero) padding and then drop the result, which
         # keeps softmax finite and their gradient zero.
-        key_mask = audio_valid | ~has_audio[:, None]
-        cross = self.cross_attention(self.cross_attention_norm(x), audio, key_mask)
+        key_mask = (audio_valid | ~has_audio[:, None])[:, None, :]
+        if cache is not None and cache.audio[index] is not None:
+            audio_kv = cache.audio[index]
+        else:
+            audio_kv = self.cross_attention.keys_values(audio)
+            if cache is not None:
+                cache.audio[index] = audio_kv
+        cross = self.cross_attention.attend(self.cross_attention_norm(x), *audio_kv, key_mask)
         x = x + cross * has_audio[:, None, None]
         return x + self.mlp(self.mlp_norm(x))
 
@@ -81,10 +128,11 @@ class BestowCrossAttention(torch.nn.Module):
         super().__init__()
         self.layers = torch.nn.ModuleList(BestowLayer(hidden, cfg) for _ in range(cfg.num_layers))
 
-    def forward(self, text, audio, audio_valid, has_audio):
+    def forward(self, text, audio, audio_valid, has_audio, text_mask=None, cache=None):
+        """See :meth:`BestowLayer.forward` for ``text_mask`` and ``cache``."""
         x = text.transpose(0, 1)  # [b, s, h]
-        for layer in self.layers:
-            x = layer(x, audio, audio_valid, has_audio)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, audio, audio_valid, has_audio, text_mask, cache, index)
         return x.transpose(0, 1).contiguous()
 
 
@@ -130,6 +178,13 @@ class BESTOW(SpeechLLM):
     def embed(self, batch: dict, layout: Layout) -> torch.Tensor:
         ids = F.pad(batch["input_ids"], (0, layout.length - batch["input_ids"].shape[1]))
         text = self.text_embeddings(ids, layout.position_ids)
+        audio, valid, has_audio, keep_in_graph = self.audio_by_sample(batch)
+        return self.cross_attention(text, audio, valid, has_audio) + keep_in_graph
+
+    def audio_by_sample(self, batch: dict):
+        """Each sample's audio frames ``[b, T, h]``, their valid mask ``[b, T]``, which samples
+        have audio ``[b]``, and the zero that keeps the audio path in the graph."""
+        ids = batch["input_ids"]
         audio, lengths, keep_in_graph = self.encode_audio(batch)
         owner = batch.get("audio_owner")
         if owner is None and len(lengths):
@@ -142,5 +197,42 @@ class BESTOW(SpeechLLM):
             raise ValueError(
                 f"audio_owner {owner.tolist()} names samples outside 0..{ids.shape[0] - 1}"
             )
-        per_sample, valid, has_audio = gather_by_sample(audio, lengths, owner, ids.shape[0])
-        return self.cross_attention(text, per_sample, valid, has_audio) + keep_in_graph
+        return (*gather_by_sample(audio, lengths, owner, ids.shape[0]), keep_in_graph)
+
+    def prompt_embeddings(self, batch: dict):
+        ids = batch["input_ids"]
+        b, s = ids.shape
+        lengths = batch.get("text_lengths", torch.full((b,), s, device=ids.device))
+        text, valid = left_align(self.text_embeddings(ids, torch.zeros_like(ids)), lengths)
+        audio, audio_valid, has_audio, _ = self.audio_by_sample(batch)
+        causal = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()
+        # Padding attends to itself only (a row with nothing to attend to would be NaN).
+        mask = (valid[:, None, :] & causal) | torch.eye(s, dtype=torch.bool, device=ids.device)
+        state = BestowState(BestowCache(len(self.cross_attention.layers)), audio, audio_valid,
+                            has_audio)  # fmt: skip
+        return self._block(text, state, mask), valid, state
+
+    def step_embeddings(self, ids: torch.Tensor, valid: torch.Tensor, state) -> torch.Tensor:
+        text = self.text_embeddings(ids, torch.zeros_like(ids))
+        return self._block(text, state, valid[:, None, :])
+
+    def _block(self, text, state: BestowState, mask):
+        return self.cross_attention(
+            text, state.audio, state.audio_valid, state.has_audio, mask, state.cache
+        )
+
+
+@dataclass
+class BestowState:
+    """What BESTOW's decoding carries from token to token: the block's cache and the audio."""
+
+    cache: BestowCache
+    audio: torch.Tensor  # [b, T, h]
+    audio_valid: torch.Tensor  # [b, T]
+    has_audio: torch.Tensor  # [b]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (beam search)."""
+        self.cache.reorder(index)
+        self.audio, self.audio_valid = self.audio[index], self.audio_valid[index]
+        self.has_audio = self.has_audio[index]

@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .speech_llm import Layout, SpeechLLM, embedding_lengths, next_token_targets, padded_length
+from .speech_llm import (
+    Layout,
+    SpeechLLM,
+    embedding_lengths,
+    left_align,
+    next_token_targets,
+    padded_length,
+)
 
 
 @dataclass
@@ -130,3 +137,9 @@ class SALM(SpeechLLM):
         index = torch.where(layout.audio_segment >= 0, audio_rows, index)
         merged = table[index]  # [b, S, h]
         return merged.transpose(0, 1).contiguous() + keep_in_graph
+
+    def prompt_embeddings(self, batch: dict):
+        layout = self.layout(batch, None)
+        lengths = ((layout.text_position >= 0) | (layout.audio_segment >= 0)).sum(1)
+        emb, valid = left_align(self.embed(batch, layout), lengths)
+        return emb, valid, None

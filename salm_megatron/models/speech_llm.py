@@ -195,6 +195,19 @@ class SpeechLLM(MegatronModule):
         """First stage: the LLM's input ``[S, b, h]`` (full sequence, before SP scatter)."""
         raise NotImplementedError
 
+    # Generation (one stage, no SP): prompts are left-aligned so every sample's next token
+    # lands at the same position; their padding is masked out.
+
+    def prompt_embeddings(self, batch: dict):
+        """LLM input of the prompts ``[P, b, h]``, left-aligned; ``valid [b, P]`` (False on the
+        left padding); and the decoding state :meth:`step_embeddings` continues from."""
+        raise NotImplementedError
+
+    def step_embeddings(self, ids: torch.Tensor, valid: torch.Tensor, state) -> torch.Tensor:
+        """LLM input ``[1, b, h]`` of the next tokens ``ids [b, 1]``; ``valid [b, T]`` covers
+        every position so far, the new one included."""
+        return self.text_embeddings(ids, torch.zeros_like(ids))
+
     # -- shared ------------------------------------------------------------------------------
 
     def encode_audio(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -262,3 +275,15 @@ class SpeechLLM(MegatronModule):
     def text_embeddings(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings ``[s, b, h]`` from the LLM's (vocab-parallel) embedding."""
         return self.llm.embedding(input_ids=ids, position_ids=position_ids)
+
+
+def left_align(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``x [S, b, h]`` holding ``lengths [b]`` positions per sample -> the same
+    positions at the end (zeros in front), and ``valid [b, S]``."""
+    length = x.shape[0]
+    aligned = torch.zeros_like(x)
+    valid = torch.zeros(x.shape[1], length, dtype=torch.bool, device=x.device)
+    for i, n in enumerate(lengths.tolist()):
+        aligned[length - n :, i] = x[:n, i]
+        valid[i, length - n :] = True
+    return aligned, valid

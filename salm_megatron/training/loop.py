@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import time
@@ -24,6 +25,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from .. import parallel
 from ..config import Config, ConfigError
 from ..data import load_tokenizer
+from ..data.loader import SampleStream
+from ..data.samples import prompt_sample
+from ..inference.generation import Generator
+from ..inference.metrics import task_metrics
 from ..models import build_speech_llm
 from . import checkpoint
 from .data import StepBatches, check_tokenizer
@@ -50,6 +55,16 @@ def check_training_config(cfg: Config) -> None:
             raise ConfigError(f"data.{name} is required for training")
     if cfg.train.eval_interval is not None and cfg.data.valid_shards is None:
         raise ConfigError(f"train.eval_interval={cfg.train.eval_interval} needs data.valid_shards")
+    layout = cfg.parallel
+    if cfg.train.eval_wer_samples and (
+        layout.pipeline_model_parallel_size > 1 or layout.sequence_parallel
+    ):
+        raise ConfigError(
+            f"train.eval_wer_samples={cfg.train.eval_wer_samples} decodes on one pipeline stage "
+            "without sequence parallelism, but parallel.pipeline_model_parallel_size="
+            f"{layout.pipeline_model_parallel_size}, parallel.sequence_parallel="
+            f"{layout.sequence_parallel}; set it to 0 and score checkpoints with `salm eval`"
+        )
 
 
 def params_dtype(cfg: Config) -> torch.dtype:
@@ -297,11 +312,44 @@ class Trainer:
                 losses, step = self._run_schedule(batches, forward_only=True)
                 batch_loss, batch_tokens, batch_hits, *_ = self._totals(losses, step)
                 loss, tokens, hits = loss + batch_loss, tokens + batch_tokens, hits + batch_hits
+            decoded = self._decoded() if cfg.train.eval_wer_samples else {}
         finally:
             for chunk in self.model:
                 chunk.train()
         tokens = max(tokens, 1.0)
-        return {"step": self.step, "loss": loss / tokens, "accuracy": hits / tokens}
+        return {"step": self.step, "loss": loss / tokens, "accuracy": hits / tokens, **decoded}
+
+    def _decoded(self) -> dict:
+        """WER (ASR-like tasks) and answer accuracy of the first ``train.eval_wer_samples``
+        validation samples, decoded (split over DP ranks) and scored as ``salm eval`` does."""
+        cfg = self.cfg
+        dp_size = parallel_state.get_data_parallel_world_size()
+        stream = SampleStream(
+            cfg.data.valid_shards, sample_rate=cfg.encoder.features.sample_rate,
+            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp_size, seed=cfg.seed,
+            shuffle=False, shuffle_buffer=0, min_duration=cfg.data.min_duration,
+            max_duration=cfg.data.max_duration,
+        )  # fmt: skip
+        raws = list(itertools.islice(stream, -(-cfg.train.eval_wer_samples // dp_size)))
+        fmt = cfg.data.prompt_format
+        generator = Generator.for_tokenizer(self.chunks[0], cfg.decode, self.tokenizer, fmt)
+        prompts = [prompt_sample(raw, self.tokenizer, fmt, cfg.model.arch) for raw in raws]
+        size, decoded = cfg.decode.batch_size, []
+        for start in range(0, len(prompts), size):
+            decoded += generator.generate(prompts[start : start + size])
+        rows = [
+            {"task": raw.get("task") or "", "reference": raw["answer"],
+             "prediction": generator.text(self.tokenizer, tokens)}
+            for raw, tokens in zip(raws, decoded, strict=True)
+        ]  # fmt: skip
+        gathered = [None] * torch.distributed.get_world_size()
+        first_tp = parallel_state.get_tensor_model_parallel_rank() == 0
+        torch.distributed.all_gather_object(gathered, rows if first_tp else [])
+        overall = task_metrics([row for part in gathered for row in part])["overall"]
+        scores = {"answer_accuracy": overall["accuracy"]}
+        if "wer" in overall:
+            scores["wer"] = overall["wer"]
+        return scores
 
 
 def train(cfg: Config) -> dict:

@@ -67,9 +67,14 @@ class Reporter:
 
     def validation(self, record: dict) -> None:
         self._write(record, "valid")
+        decoded = ""
+        if "wer" in record:
+            decoded += f" | WER {100 * record['wer']:.2f}%"
+        if "answer_accuracy" in record:
+            decoded += f" | answer accuracy {100 * record['answer_accuracy']:.1f}%"
         log.info(
-            "validation at step %d | loss %.4f | token accuracy %.3f",
-            record["step"], record["loss"], record["accuracy"],
+            "validation at step %d | loss %.4f | token accuracy %.3f%s",
+            record["step"], record["loss"], record["accuracy"], decoded,
         )  # fmt: skip
 
     def close(self) -> None:

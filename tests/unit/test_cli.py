@@ -62,3 +62,21 @@ def test_bench_data_prints_throughput():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 clips, 2 s of audio" in proc.stdout and "x real time per worker" in proc.stdout
+
+
+def test_bench_decode_prints_its_figures():
+    """Decoding benchmark (tiny sizes): every strategy of both archs, with every figure."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "salm_megatron.cli", "bench-decode", "--batch", "2", "--seconds",
+         "1", "--new-tokens", "4", "--warmup", "0", "--repeats", "1", "--beam-size", "2"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for figure in ("device ", "ms/batch", "new tokens/s", "RTF", "cache speed-up"):
+        assert figure in proc.stdout
+    for arch in ("salm", "bestow"):
+        for strategy in ("greedy, KV cache", "greedy, no cache", "beam 2, KV cache"):
+            assert f"{arch} {strategy}" in proc.stdout

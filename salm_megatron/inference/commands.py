@@ -1,0 +1,282 @@
+"""``salm eval`` and ``salm transcribe``: decode with a trained checkpoint.
+
+Both run in one process or under torchrun: the ranks form TP groups of ``--tensor-parallel``
+(default: all of them) that decode together; with several groups, ``salm eval`` splits the shards'
+samples over them (data parallel) and rank 0 gathers the predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from .. import parallel
+from ..config import ConfigError
+from ..data.audio_io import AudioError, decode
+from ..data.collate import SpeechSample
+from ..data.loader import SampleStream, expand_shards
+from ..data.prompts import DEFAULT_INSTRUCTIONS, generation_prompt
+from ..data.samples import prompt_sample
+from ..training.report import duration
+from .loading import load_generator, prepare
+from .metrics import format_table, task_metrics
+
+log = logging.getLogger("salm.inference")
+
+# Command-line flags of the decode.* config fields.
+DECODING_FLAGS = {
+    "--strategy": ("strategy", str, "greedy | sample | beam"),
+    "--max-new-tokens": ("max_new_tokens", int, "stop after this many tokens"),
+    "--beam-size": ("beam_size", int, "beam search width"),
+    "--length-penalty": ("length_penalty", float, "beam: rank by log-prob / length ** this"),
+    "--temperature": ("temperature", float, "sample: logits / temperature"),
+    "--top-k": ("top_k", int, "sample: only the k likeliest tokens (0: all)"),
+    "--top-p": ("top_p", float, "sample: nucleus probability mass"),
+    "--seed": ("seed", int, "sample: random seed"),
+    "--batch-size": ("batch_size", int, "utterances decoded together"),
+}
+
+
+def _parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="a run folder, its checkpoints/, or one step_N folder"
+    )
+    parser.add_argument("--tokenizer", help="instead of the checkpoint's data.tokenizer")
+    parser.add_argument(
+        "--tensor-parallel", type=int, help="ranks decoding together (default: all ranks)"
+    )
+    group = parser.add_argument_group("decoding (config fields decode.*)")
+    for flag, (name, kind, text) in DECODING_FLAGS.items():
+        group.add_argument(flag, dest=name, type=kind, help=text)
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides"
+    )
+    return parser
+
+
+def _start(args) -> tuple:
+    """Parallel state, then the checkpoint as a generator: (cfg, generator, tokenizer, path)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    tp = args.tensor_parallel or world
+    overrides = [
+        f"decode.{name}={getattr(args, name)}"
+        for name, *_ in DECODING_FLAGS.values()
+        if getattr(args, name) is not None
+    ] + list(args.set)
+    cfg, path = prepare(args.checkpoint, tp, overrides)
+    parallel.initialize(cfg.parallel, seed=cfg.seed)
+    generator, tokenizer = load_generator(cfg, path, args.tokenizer)
+    return cfg, generator, tokenizer, path
+
+
+def _run(main, prog: str) -> int:
+    """Run ``main()`` with logging set up; bad input -> exit code 2 with one line."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("megatron").setLevel(logging.WARNING)
+    if int(os.environ.get("RANK", 0)) != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        return main()
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if parallel.is_initialized():
+            parallel.teardown()
+
+
+def _first_of_tp_group() -> bool:
+    return parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+# ------------------------------------------------------------------------------------- eval
+
+
+EVAL_EXAMPLE = """example:
+  salm eval --checkpoint runs/salm --data "data/test/shard-{000000..000003}.tar" --out eval/test
+  torchrun --nproc-per-node 2 -m salm_megatron.inference.commands eval --checkpoint runs/salm \\
+      --data data/test/*.tar --out eval/test --strategy beam --beam-size 4
+
+writes OUT/predictions.jsonl (key, task, context, reference, prediction, duration) and
+OUT/metrics.json; prints a table of WER/CER (asr tasks), BLEU (translation) and accuracy.
+Text is normalised before WER/CER/accuracy: NFKC, lowercase, punctuation removed, spaces folded.
+"""
+
+
+def _count_samples(shards: list[str]) -> int | None:
+    """Samples in the shards, from ``index.json`` beside them (``salm shards``), else None."""
+    total = 0
+    for folder in {str(Path(s).parent) for s in shards}:
+        index = Path(folder) / "index.json"
+        if not index.is_file():
+            return None
+        entries = json.loads(index.read_text())["shards"]
+        listed = {Path(e["path"]).name: e["samples"] for e in entries}
+        total += sum(listed.get(Path(s).name, 0) for s in shards if str(Path(s).parent) == folder)
+    return total
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    parser = _parser("salm eval", "Decode webdataset shards, score the predictions.", EVAL_EXAMPLE)
+    parser.add_argument("--data", nargs="+", required=True, help="shards: paths, globs, braces")
+    parser.add_argument("--out", required=True, help="folder for predictions.jsonl, metrics.json")
+    parser.add_argument("--limit", type=int, help="decode only the first N samples (per DP rank)")
+    args = parser.parse_args(argv)
+    return _run(lambda: _evaluate(args), "salm eval")
+
+
+def _evaluate(args) -> int:
+    shards = expand_shards(args.data)
+    cfg, generator, tokenizer, path = _start(args)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    stream = SampleStream(
+        shards, sample_rate=cfg.encoder.features.sample_rate, dp_rank=dp_rank, dp_size=dp_size,
+        seed=0, shuffle=False, shuffle_buffer=0,
+    )  # fmt: skip
+    total = _count_samples(shards)
+    rank0 = torch.distributed.get_rank() == 0
+    rows, batch, start, audio_seconds = [], [], time.time(), 0.0
+
+    def flush():
+        nonlocal audio_seconds
+        prompts = [prompt_sample(raw, tokenizer, cfg.data.prompt_format, cfg.model.arch)
+                   for raw in batch]  # fmt: skip
+        for raw, tokens in zip(batch, generator.generate(prompts), strict=True):
+            rows.append({
+                "key": raw["key"], "task": raw.get("task") or "", "context": raw.get("context"),
+                "reference": raw["answer"], "prediction": generator.text(tokenizer, tokens),
+                "duration": round(raw["duration"], 3),
+            })  # fmt: skip
+            audio_seconds += raw["duration"]
+        batch.clear()
+        if rank0:
+            done = len(rows) * dp_size
+            elapsed = time.time() - start
+            of = f"/{total}" if total else ""
+            eta = f" | ETA {duration(elapsed / done * (total - done))}" if total else ""
+            log.info("decoded %d%s utterances | %.1f utt/s%s", done, of, done / elapsed, eta)
+
+    for raw in stream:
+        if args.limit is not None and len(rows) + len(batch) >= args.limit:
+            break
+        batch.append(raw)
+        if len(batch) == cfg.decode.batch_size:
+            flush()
+    if batch:
+        flush()
+    elapsed = time.time() - start
+
+    # Every DP rank's rows (from its first TP rank) to rank 0.
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, rows if _first_of_tp_group() else [])
+    skipped = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(skipped, stream.stats)
+    if not rank0:
+        return 0
+    rows = sorted((r for part in gathered for r in part), key=lambda r: r["key"])
+    if not rows:
+        raise ValueError(f"no sample could be decoded from {len(shards)} shard(s)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    metrics = task_metrics(rows)
+    skipped_total: dict[str, int] = {}
+    for part in skipped:
+        for reason, count in part.items():
+            skipped_total[reason] = skipped_total.get(reason, 0) + count
+    summary = {
+        "checkpoint": str(path),
+        "data": args.data,
+        "metrics": metrics,
+        "decode": cfg.to_dict()["decode"],
+        "utterances": len(rows),
+        "skipped_samples": {k: v for k, v in skipped_total.items() if v},
+        "audio_seconds": round(sum(r["duration"] for r in rows), 3),
+        "decode_seconds": round(elapsed, 3),
+        "real_time_factor": round(elapsed / max(sum(r["duration"] for r in rows), 1e-9), 5),
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_table(metrics))
+    print(f"predictions: {out / 'predictions.jsonl'}\nmetrics: {out / 'metrics.json'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- transcribe
+
+
+TRANSCRIBE_EXAMPLE = """example:
+  salm transcribe --checkpoint runs/salm call.wav note.flac
+  salm transcribe --checkpoint runs/salm question.wav --prompt "What is the sum of the numbers?"
+
+prints one line per file: PATH<TAB>TEXT. Any sample rate, mono or stereo, WAV/FLAC/OGG.
+"""
+
+
+def transcribe_main(argv: list[str] | None = None) -> int:
+    parser = _parser("salm transcribe", "Transcribe (or answer about) audio files.",
+                     TRANSCRIBE_EXAMPLE)  # fmt: skip
+    parser.add_argument("audio", nargs="+", help="audio files")
+    parser.add_argument(
+        "--prompt", default=DEFAULT_INSTRUCTIONS["asr"], help="instruction (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    return _run(lambda: _transcribe(args), "salm transcribe")
+
+
+def _transcribe(args) -> int:
+    missing = [a for a in args.audio if not Path(a).is_file()]
+    if missing:
+        raise FileNotFoundError(f"audio file(s) not found: {', '.join(missing)}")
+    cfg, generator, tokenizer, _ = _start(args)
+    segments = 1 if cfg.model.arch == "salm" else 0
+    ids, _ = generation_prompt(tokenizer, cfg.data.prompt_format, args.prompt, segments)
+    rate = cfg.encoder.features.sample_rate
+    failed = 0
+    paths = list(args.audio)
+    for start in range(0, len(paths), cfg.decode.batch_size):
+        chunk, samples = [], []
+        for audio_path in paths[start : start + cfg.decode.batch_size]:
+            try:
+                wave = decode(audio_path, rate)
+            except AudioError as err:
+                print(f"salm transcribe: {err}", file=sys.stderr)
+                failed += 1
+                continue
+            chunk.append(audio_path)
+            samples.append(SpeechSample(ids, [0] * len(ids), [wave], key=audio_path))
+        for audio_path, tokens in zip(chunk, generator.generate(samples), strict=True):
+            if torch.distributed.get_rank() == 0:
+                print(f"{audio_path}\t{generator.text(tokenizer, tokens)}", flush=True)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m salm_megatron.inference.commands eval|transcribe ...`` (torchrun entry)."""
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"eval": eval_main, "transcribe": transcribe_main}
+    if not argv or argv[0] not in commands:
+        print(f"usage: ... {' | '.join(commands)} [options]", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""A training checkpoint as a ready-to-decode model: its config, tokenizer and weights at PP=1.
+
+A checkpoint saved at any TP/PP layout loads at TP=N (the ranks that decode together) and PP=1
+through dist-checkpoint resharding. Decoding needs the whole model on every rank of a TP group
+and no sequence parallelism, and it uses the local layer spec (SDPA attention, whose masks the
+left-padded prompts need); its keys are Transformer Engine's, so any training spec loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing
+
+from ..config import Config, ConfigError, apply_overrides, config_from_dict
+from ..data.tokenizers import Tokenizer, load_tokenizer
+from ..models import build_speech_llm
+from ..training import checkpoint
+from .generation import Generator
+
+log = logging.getLogger("salm.inference")
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a run's output folder, its ``checkpoints/`` or the step itself."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = checkpoint.latest_checkpoint(root)
+        if found is not None:
+            return found
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    raise FileNotFoundError(
+        f"{path} holds no complete checkpoint (a step_NNNNNNN folder with metadata.json, or a "
+        "run folder with checkpoints/)"
+    )
+
+
+def saved_config(path: Path) -> Config:
+    """The resolved config a training checkpoint was saved with."""
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    if common.get("common", {}).get("format") != checkpoint.FORMAT:
+        raise ValueError(f"{path} is not a salm-megatron training checkpoint")
+    return config_from_dict(common["common"]["config"])
+
+
+def generation_config(cfg: Config, tensor_parallel: int, overrides: list[str]) -> Config:
+    """``cfg`` laid out for decoding: TP=``tensor_parallel``, PP=1, no SP, local spec."""
+    cfg = apply_overrides(cfg, overrides)
+    parallel = dataclasses.replace(
+        cfg.parallel,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None,
+        sequence_parallel=False,
+    )
+    llm = dataclasses.replace(cfg.llm, transformer_impl="local", fp8=None, recompute="none")
+    return dataclasses.replace(cfg, parallel=parallel, llm=llm)
+
+
+def load_model(cfg: Config, path: Path) -> torch.nn.Module:
+    """This rank's whole model (after ``parallel.initialize``) with the checkpoint's weights."""
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    (model,) = build_speech_llm(cfg, params_dtype=dtype)
+    if torch.cuda.is_available():
+        model.cuda()
+    state = dist_checkpointing.load({"model0": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(state["model0"])
+    return model.eval()
+
+
+def open_tokenizer(cfg: Config, override: str | None) -> Tokenizer:
+    path = override or cfg.data.tokenizer
+    if path is None:
+        raise ConfigError("the checkpoint's config names no data.tokenizer; pass --tokenizer")
+    try:
+        return load_tokenizer(path)
+    except ValueError as err:
+        raise ConfigError(f"{err} (the checkpoint's data.tokenizer; pass --tokenizer)") from err
+
+
+def prepare(path: str | Path, tensor_parallel: int, overrides: list[str]) -> tuple[Config, Path]:
+    """The checkpoint folder and its config laid out for decoding (before
+    ``parallel.initialize(cfg.parallel)``)."""
+    found = find_checkpoint(path)
+    return generation_config(saved_config(found), tensor_parallel, overrides), found
+
+
+def load_generator(
+    cfg: Config, path: Path, tokenizer: str | None = None
+) -> tuple[Generator, Tokenizer]:
+    """The model of checkpoint ``path`` as a generator, and its tokenizer (collective)."""
+    tok = open_tokenizer(cfg, tokenizer)
+    model = load_model(cfg, path)
+    log.info("loaded %s (%s, TP=%d)", path, cfg.model.arch, cfg.parallel.tensor_model_parallel_size)
+    return Generator.for_tokenizer(model, cfg.decode, tok, cfg.data.prompt_format), tok

@@ -1,0 +1,86 @@
+"""Proves decoding with the KV cache equals full recomputation token for token (SALM, BESTOW;
+greedy, sampling, beam search), that a sample decodes alike alone and in a left-padded batch, and
+the decoding rules: stop tokens, banned ids, top-k 1 and beam 1 are greedy, seeds repeat."""
+
+import pytest
+import torch
+
+from salm_megatron.config import DecodeConfig
+from salm_megatron.data import build_prompt, load_tokenizer
+from salm_megatron.data.prompts import generation_prompt
+from salm_megatron.inference.generation import Generator
+from salm_megatron.models import build_speech_llm
+from tests.speech_fixtures import (
+    AUDIO_TOKEN,
+    make_hf_tokenizer,
+    prompt_samples,
+    tiny_config,
+    wake_zero_outputs,
+)
+
+ARCHS = ("salm", "bestow")
+EOS = 2
+
+
+def _generator(arch: str, **decoding) -> Generator:
+    torch.manual_seed(0)
+    (model,) = build_speech_llm(tiny_config(arch))
+    wake_zero_outputs(model)
+    settings = {"max_new_tokens": 10, "beam_size": 3, "top_k": 20, "top_p": 0.9, **decoding}
+    return Generator(
+        model, DecodeConfig(**settings), stop_ids={EOS}, vocab_size=250, banned_ids=(AUDIO_TOKEN,)
+    )
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_equals_recomputation(single_rank, arch, strategy):
+    generator = _generator(arch, strategy=strategy, temperature=0.8)
+    samples = prompt_samples(arch)
+    cached = generator.generate(samples)
+    assert cached == generator.generate(samples, use_cache=False)
+    assert all(cached) and len(cached) == len(samples)
+    if strategy != "beam":  # 10 tokens, or fewer ending with the stop token
+        assert all(len(t) == 10 or t[-1] == EOS for t in cached)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padding_changes_nothing(single_rank, arch):
+    generator = _generator(arch)
+    samples = prompt_samples(arch)
+    together = generator.generate(samples)
+    assert together == [generator.generate([s])[0] for s in samples]
+    beam = _generator(arch, strategy="beam")
+    assert beam.generate(samples) == [beam.generate([s])[0] for s in samples]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decoding_rules(single_rank, arch):
+    samples = prompt_samples(arch)
+    greedy = _generator(arch).generate(samples)
+    assert _generator(arch, strategy="sample", top_k=1).generate(samples) == greedy
+    assert _generator(arch, strategy="beam", beam_size=1, length_penalty=0.0).generate(samples) == [
+        t for t in greedy
+    ]
+    first = _generator(arch, strategy="sample", seed=5).generate(samples)
+    assert _generator(arch, strategy="sample", seed=5).generate(samples) == first
+    assert _generator(arch, strategy="sample", seed=6).generate(samples) != first
+
+    # The likeliest first token, banned, never appears; made a stop token, it ends every row.
+    top = greedy[0][0]
+    banned = _generator(arch)
+    banned.banned_ids.append(top)
+    assert all(top not in row for row in banned.generate(samples))
+    stopping = _generator(arch)
+    stopping.stop_ids = [top]
+    assert stopping.generate(samples[:1]) == [[top]]
+
+
+def test_generation_prompt_stops_where_the_answer_starts(tmp_path):
+    tok = load_tokenizer(make_hf_tokenizer(tmp_path))
+    for fmt, end in (("plain", tok.eos_id), ("llama3", tok.require("<|eot_id|>"))):
+        full = build_prompt(tok, fmt, "Transcribe the audio.", "one two", 1)
+        prompt, stop = generation_prompt(tok, fmt, "Transcribe the audio.", 1)
+        assert full.input_ids[: len(prompt)] == prompt
+        assert full.answer_mask[len(prompt)] == 1 and not any(full.answer_mask[: len(prompt)])
+        assert stop == end == full.input_ids[-1]
