@@ -104,11 +104,20 @@ COMMANDS = {
 }
 
 
+def setup_logging() -> None:
+    """INFO on rank 0 and WARNING elsewhere; Megatron's INFO (it lists every parameter) muted."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    if int(os.environ.get("RANK", 0)) != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
+    width = max(map(len, COMMANDS))
     usage = "usage: salm COMMAND [--help] ...\n\ncommands:\n" + "".join(
-        f"  {name:<8} {help_}\n" for name, (_, help_) in COMMANDS.items()
+        f"  {name:<{width}} {help_}\n" for name, (_, help_) in COMMANDS.items()
     )
     if not argv or argv[0] in ("-h", "--help"):
         print(usage + "\nexample: salm demo", file=sys.stdout if argv else sys.stderr)

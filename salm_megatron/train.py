@@ -8,10 +8,10 @@ complete checkpoint in ``<train.output_dir>/checkpoints`` unless ``checkpoint.re
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
+from .cli import setup_logging
 from .config import Config, ConfigError, apply_overrides, load_config
 
 EXAMPLE = """examples:
@@ -43,12 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.file and "=" in args.file and not os.path.exists(args.file):
         args.overrides.insert(0, args.file)
         args.file = None
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        logging.getLogger("megatron").setLevel(logging.WARNING)  # it lists every parameter
-    rank = int(os.environ.get("RANK", 0))
-    if rank != 0:  # rank 0 reports; others only warn
-        logging.getLogger().setLevel(logging.WARNING)
+    setup_logging()
     from .training import TrainingError, train
 
     try:

@@ -19,6 +19,7 @@ import torch
 from megatron.core import parallel_state
 
 from .. import parallel
+from ..cli import setup_logging
 from ..config import ConfigError
 from ..data.audio_io import AudioError, decode
 from ..data.collate import SpeechSample
@@ -85,11 +86,7 @@ def _start(args) -> tuple:
 
 def _run(main, prog: str) -> int:
     """Run ``main()`` with logging set up; bad input -> exit code 2 with one line."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        logging.getLogger("megatron").setLevel(logging.WARNING)
-    if int(os.environ.get("RANK", 0)) != 0:
-        logging.getLogger().setLevel(logging.WARNING)
+    setup_logging()
     try:
         return main()
     except (ConfigError, FileNotFoundError, ValueError) as err:

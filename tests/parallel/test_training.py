@@ -56,13 +56,14 @@ def sample_keys(out: Path) -> dict[tuple[str, int], list[str]]:
 @pytest.mark.parametrize("arch", ["salm", "bestow"])
 def test_loss_falls(data_dir, tmp_path, arch):
     train(data_dir, tmp_path, 1, "train.steps=30", "train.eval_interval=30", "train.eval_iters=2",
-          arch=arch)  # fmt: skip
+          "train.eval_wer_samples=4", arch=arch)  # fmt: skip
     losses = [r["loss"] for _, r in sorted(records(tmp_path).items())]
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, losses
     (valid,) = records(tmp_path, "valid").values()
     assert valid["accuracy"] > 0.5 and valid["loss"] < first, valid
+    assert {"wer", "answer_accuracy"} <= set(valid)  # 4 validation samples were decoded
     assert (tmp_path / "checkpoints" / "step_0000030").is_dir()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
