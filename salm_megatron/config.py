@@ -546,9 +546,14 @@ class ModelConfig:
     freeze_llm: bool = False
     freeze_encoder: bool = False
     freeze_adapter: bool = False
+    # Auxiliary CTC loss on the encoder's output (a linear head over llm.vocab_size + blank),
+    # against each audio segment's transcript, added with this weight. Gives an encoder trained
+    # from scratch a direct signal; 0 turns it off.
+    ctc_weight: float = 0.0
 
     def __post_init__(self):
         _choice("model.arch", self.arch, ARCHS)
+        _require(self.ctc_weight >= 0, f"model.ctc_weight={self.ctc_weight} must be >= 0")
         if self.audio_token_id is not None:
             _require(
                 self.audio_token_id >= 0,

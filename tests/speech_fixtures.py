@@ -57,21 +57,23 @@ def prompt(tokens: list[int], arch: str, segments: int) -> list[int]:
 
 
 def speech_samples(arch: str) -> list[SpeechSample]:
-    """Four samples: audio of different lengths, one with two segments, one text-only."""
-    specs = [  # (segment seconds, prompt tokens, answer tokens)
-        ([0.41], [5, 6], [20, 21, 22, 2]),
-        ([0.23, 0.37], [7], [23, 24, 2]),
-        ([0.88], [5, 6, 8], [25, 26, 27, 28, 2]),
-        ([], [9, 10, 11], [29, 2]),
+    """Four samples: audio of different lengths, one with two segments (one of them without a
+    transcript), one text-only."""
+    specs = [  # (segment seconds, prompt tokens, answer tokens, what each segment says)
+        ([0.41], [5, 6], [20, 21, 22, 2], [[40, 41]]),
+        ([0.23, 0.37], [7], [23, 24, 2], [[42], None]),
+        ([0.88], [5, 6, 8], [25, 26, 27, 28, 2], [[43, 44, 45]]),
+        ([], [9, 10, 11], [29, 2], []),
     ]
     samples = []
-    for i, (seconds, prompt_tokens, answer) in enumerate(specs):
+    for i, (seconds, prompt_tokens, answer, spoken) in enumerate(specs):
         ids = prompt(prompt_tokens, arch, len(seconds))
         samples.append(
             SpeechSample(
                 input_ids=ids + answer,
                 answer_mask=[0] * len(ids) + [1] * len(answer),
                 audio=[waveform(s, seed=10 * i + j) for j, s in enumerate(seconds)],
+                transcripts=spoken,
             )
         )
     return samples

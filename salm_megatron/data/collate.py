@@ -16,11 +16,17 @@ class SpeechSample:
     answer_mask: list[int]  # 1 on answer tokens (answer and EOS)
     audio: list[torch.Tensor] = field(default_factory=list)  # 1-D waveforms, 16 kHz mono
     key: Optional[str] = None  # the shard sample it came from
+    # Per audio segment, the token ids of what is spoken (auxiliary CTC targets); None: unknown.
+    transcripts: Optional[list[Optional[list[int]]]] = None
 
     def __post_init__(self):
         if len(self.input_ids) != len(self.answer_mask):
             raise ValueError(
                 f"input_ids has {len(self.input_ids)} tokens, answer_mask {len(self.answer_mask)}"
+            )
+        if self.transcripts is not None and len(self.transcripts) != len(self.audio):
+            raise ValueError(
+                f"{len(self.transcripts)} transcripts for {len(self.audio)} audio segments"
             )
         for i, wave in enumerate(self.audio):
             if wave.dim() != 1 or wave.numel() == 0:
@@ -46,7 +52,7 @@ def collate(samples: list[SpeechSample], pad_id: int = 0) -> dict[str, torch.Ten
     audio = torch.zeros((len(segments), int(audio_lengths.max()) if segments else 0))
     for j, wave in enumerate(segments):
         audio[j, : len(wave)] = wave
-    return {
+    batch = {
         "input_ids": input_ids,
         "answer_mask": answer_mask,
         "audio": audio,
@@ -54,3 +60,16 @@ def collate(samples: list[SpeechSample], pad_id: int = 0) -> dict[str, torch.Ten
         "audio_owner": torch.tensor(owner, dtype=torch.long),
         "text_lengths": torch.tensor([len(s.input_ids) for s in samples], dtype=torch.long),
     }
+    if any(s.transcripts for s in samples):
+        batch.update(_transcripts(samples))
+    return batch
+
+
+def _transcripts(samples: list[SpeechSample]) -> dict[str, torch.Tensor]:
+    """``transcripts [n, L]`` (zero-padded) and ``transcript_lengths [n]`` (0: unknown)."""
+    rows = [t or [] for s in samples for t in (s.transcripts or [None] * len(s.audio))]
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    padded = torch.zeros((len(rows), max(1, int(lengths.max()) if rows else 1)), dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return {"transcripts": padded, "transcript_lengths": lengths}

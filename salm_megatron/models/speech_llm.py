@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
@@ -46,12 +47,48 @@ class AudioPath(torch.nn.Module):
 
     def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor):
         """[n, samples] -> embeddings [n, t, h] in the LLM's width, and their lengths [n]."""
+        return self.adapter(*self.encode(audio, audio_lengths))
+
+    def encode(self, audio: torch.Tensor, audio_lengths: torch.Tensor):
+        """[n, samples] -> encoder output [n, t, d_model] and its lengths [n]."""
         features, lengths = self.features(audio.float(), audio_lengths)
         if self.training:
             features = self.spec_augment(features, lengths)
         dtype = next(self.encoder.parameters()).dtype
-        encoded, lengths = self.encoder(features.to(dtype), lengths)
-        return self.adapter(encoded, lengths)
+        return self.encoder(features.to(dtype), lengths)
+
+
+class CTCHead(torch.nn.Module):
+    """Auxiliary CTC loss of the encoder's output against the transcripts (blank: last id)."""
+
+    def __init__(self, d_model: int, vocab_size: int):
+        super().__init__()
+        self.blank = vocab_size
+        self.proj = torch.nn.Linear(d_model, vocab_size + 1)
+
+    def forward(self, encoded, lengths, transcripts, transcript_lengths) -> torch.Tensor:
+        """Summed CTC loss over the segments with a transcript (impossible alignments: 0)."""
+        keep = transcript_lengths > 0
+        logprobs = self.proj(encoded[keep]).float().log_softmax(-1).transpose(0, 1)  # [t, n, v]
+        return F.ctc_loss(
+            logprobs, transcripts[keep], lengths[keep], transcript_lengths[keep],
+            blank=self.blank, reduction="sum", zero_infinity=True,
+        )  # fmt: skip
+
+
+class _WithLoss(torch.autograd.Function):
+    """Returns ``output`` unchanged; the backward pass also sends gradient 1 into ``loss``, so a
+    loss computed on the first pipeline stage trains without travelling to the last."""
+
+    @staticmethod
+    def forward(ctx, output, loss):
+        ctx.save_for_backward(loss)
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (loss,) = ctx.saved_tensors
+        return grad, torch.ones_like(loss)
 
 
 def embedding_lengths(cfg: Config, audio_lengths: torch.Tensor) -> torch.Tensor:
@@ -152,6 +189,9 @@ class SpeechLLM(MegatronModule):
         )
         if self.pre_process:
             self.audio = AudioPath(cfg, params_dtype)
+            if cfg.model.ctc_weight:
+                self.ctc = CTCHead(cfg.encoder.d_model, cfg.llm.vocab_size).to(params_dtype)
+        self.ctc_loss_sum = 0.0  # this step's CTC loss so far (reporting), reset by the trainer
         self._freeze()
 
     def _freeze(self):
@@ -159,6 +199,7 @@ class SpeechLLM(MegatronModule):
             "llm": self.cfg.model.freeze_llm,
             "audio.encoder": self.cfg.model.freeze_encoder,
             "audio.adapter": self.cfg.model.freeze_adapter,
+            "ctc": self.cfg.model.freeze_encoder,  # the encoder's auxiliary head
         }
         for name, param in self.named_parameters():
             if any(name.startswith(prefix + ".") and on for prefix, on in frozen.items()):
@@ -216,7 +257,14 @@ class SpeechLLM(MegatronModule):
         gradient buckets; DDP would wait forever for the missing ones)."""
         audio, lengths = batch.get("audio"), batch.get("audio_lengths")
         if audio is not None and len(audio):
-            emb, emb_lengths = self.audio(audio, lengths)
+            encoded, encoded_lengths = self.audio.encode(audio, lengths)
+            emb, emb_lengths = self.audio.adapter(encoded, encoded_lengths)
+            spoken = batch.get("transcript_lengths")
+            if hasattr(self, "ctc") and spoken is not None and bool((spoken > 0).any()):
+                loss = self.ctc(encoded, encoded_lengths, batch["transcripts"], spoken)
+                self.ctc_loss_sum += float(loss.detach())
+                if torch.is_grad_enabled():
+                    emb = _WithLoss.apply(emb, self.cfg.model.ctc_weight * loss)
             return emb, emb_lengths, emb.new_zeros(())
         sample_rate = self.cfg.encoder.features.sample_rate
         silence = torch.zeros(

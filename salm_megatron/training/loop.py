@@ -200,6 +200,7 @@ class Trainer:
 
     def _run_schedule(self, batches, forward_only: bool) -> tuple[list[dict], object]:
         step = next(batches)
+        self.chunks[0].ctc_loss_sum = 0.0
         n = self.cfg.train.num_microbatches
         iterators = [
             iter(step.microbatches if step.microbatches is not None else [None] * n)
@@ -225,9 +226,9 @@ class Trainer:
 
     def _totals(self, losses: list[dict], step, skipped_samples: int = 0) -> list[float]:
         """Sums over the whole job of [loss, answer tokens, hits, samples, LLM tokens, audio
-        seconds, skipped samples]: each rank adds only what it owns (one TP rank of the last
-        stage the losses, of the first stage the data counts)."""
-        values = torch.zeros(7, dtype=torch.float64)
+        seconds, skipped samples, CTC loss]: each rank adds only what it owns (one TP rank of
+        the last stage the losses, of the first stage the data counts and the CTC loss)."""
+        values = torch.zeros(8, dtype=torch.float64)
         first_tp = parallel_state.get_tensor_model_parallel_rank() == 0
         if first_tp and parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             for item in losses:
@@ -236,9 +237,10 @@ class Trainer:
                 values[2] += float(item.get("hits", 0.0))
         if first_tp and parallel_state.is_pipeline_first_stage(ignore_virtual=True):
             values[3:] = torch.tensor(
-                [step.samples, step.llm_tokens, step.audio_seconds, skipped_samples],
+                [step.samples, step.llm_tokens, step.audio_seconds, skipped_samples,
+                 self.chunks[0].ctc_loss_sum],
                 dtype=torch.float64,
-            )
+            )  # fmt: skip
         device = "cuda" if torch.cuda.is_available() else "cpu"
         values = values.to(device)
         torch.distributed.all_reduce(values)
@@ -256,7 +258,7 @@ class Trainer:
             self.scheduler.step(increment=1)
         self.step += 1
         skipped_samples = sum(self.data.skipped.values())
-        loss, tokens, _, samples, llm_tokens, audio_s, skipped = self._totals(
+        loss, tokens, _, samples, llm_tokens, audio_s, skipped, ctc = self._totals(
             losses, step, skipped_samples
         )
         self.samples += int(samples)
@@ -278,6 +280,7 @@ class Trainer:
             "samples": self.samples,
             "skipped_samples": int(skipped),
             "skipped_steps": self.skipped_steps,
+            **({"ctc_loss": ctc / max(samples, 1.0)} if self.cfg.model.ctc_weight else {}),
         }
 
     def _log_keys(self, keys: list[str]) -> None:

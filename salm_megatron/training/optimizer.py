@@ -75,7 +75,7 @@ def param_group_overrides(cfg: Config) -> dict:
     one_dimensional = ParamPredicate(name="one_dimensional", fn=lambda p: p.dim() == 1)
     overrides = {ParamKey(name="*.bias", predicate=one_dimensional): {"wd_mult": 0.0}}
     parts = {
-        "encoder": (optim.encoder_lr, ("*audio.encoder.*",)),
+        "encoder": (optim.encoder_lr, ("*audio.encoder.*", "*ctc.*")),
         "adapter": (optim.adapter_lr, ("*audio.adapter.*", "*cross_attention.*")),
     }
     for lr, names in parts.values():

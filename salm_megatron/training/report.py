@@ -56,13 +56,15 @@ class Reporter:
         done = step - self.first_step + 1
         elapsed = time.time() - self.start
         eta = elapsed / done * (self.total - step)
-        skipped = f" | skipped steps {record['skipped_steps']}" if record["skipped_steps"] else ""
+        extra = f" | CTC {record['ctc_loss']:.3f}" if "ctc_loss" in record else ""
+        if record["skipped_steps"]:
+            extra += f" | skipped steps {record['skipped_steps']}"
         log.info(
             "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | %.1f audio s/s | "
             "%.2f s/step | peak mem %.1f GiB%s | ETA %s",
             step, self.total, record["loss"], record["lr"], record["grad_norm"],
             record["tokens_per_s"], record["audio_s_per_s"], record["step_time"],
-            record["peak_memory_gb"], skipped, duration(eta),
+            record["peak_memory_gb"], extra, duration(eta),
         )  # fmt: skip
 
     def validation(self, record: dict) -> None:

@@ -1,4 +1,5 @@
-"""Worker for test_speech_parallel.py: SALM/BESTOW loss and gradients at one layout vs TP=PP=1.
+"""Worker for test_speech_parallel.py: SALM/BESTOW loss and gradients at one layout vs TP=PP=1
+(with the auxiliary CTC loss on the encoder).
 
 The global batch has audio of different lengths, a sample with two segments and a text-only
 sample, in two micro-batches. Everything else works as in ``llm_worker.py``.
@@ -34,7 +35,7 @@ def main():
     ap = eq.layout_parser(__doc__)
     ap.add_argument("--arch", choices=("salm", "bestow"), required=True)
     args = ap.parse_args()
-    cfg = tiny_config(args.arch, eq.parallel_config(args))
+    cfg = tiny_config(args.arch, eq.parallel_config(args), ctc_weight=0.5)
     parallel.initialize(cfg.parallel, seed=cfg.seed)
 
     chunks = build_speech_llm(cfg)

@@ -1,4 +1,5 @@
-"""Proves SALM and BESTOW give TP=PP=1's loss and gradients at TP=2+SP, PP=2 and TP=2 x PP=2."""
+"""Proves SALM and BESTOW give TP=PP=1's loss and gradients at TP=2+SP, PP=2 and TP=2 x PP=2, the
+auxiliary CTC loss on the first stage included."""
 
 import pytest
 
@@ -19,6 +20,7 @@ PARTS = {
         "llm.output_layer",
         "audio.encoder",
         "audio.adapter",
+        "ctc.proj",
     ),
 }
 PARTS["bestow"] = PARTS["salm"] + ("cross_attention.layers.0.cross_attention",)

@@ -187,3 +187,33 @@ def test_bad_batches_are_named(single_rank):
         model({k: v for k, v in batch.items() if k != "audio_lengths"})
     with pytest.raises(ValueError, match=r"audio_lengths \[3\]"):
         model(dict(batch, audio_lengths=batch["audio_lengths"][:3]))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ctc_loss_adds_its_gradient_from_the_first_stage(single_rank, arch):
+    """With model.ctc_weight the encoder's gradient is the LLM loss's plus weight x the CTC
+    loss's (segments without a transcript left out), though only the LLM loss is returned."""
+    batch = collate(speech_samples(arch))
+    torch.manual_seed(0)
+    (model,) = build_speech_llm(tiny_config(arch, ctc_weight=0.5))
+
+    def grads(loss_of):
+        model.zero_grad()
+        loss_of().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with_ctc = grads(lambda: model(batch).sum())
+    assert model.ctc_loss_sum > 0
+    without = grads(lambda: model({k: v for k, v in batch.items() if "transcript" not in k}).sum())
+
+    def ctc_only():
+        encoded, lengths = model.audio.encode(batch["audio"], batch["audio_lengths"])
+        return 0.5 * model.ctc(encoded, lengths, batch["transcripts"], batch["transcript_lengths"])
+
+    ctc = grads(ctc_only)
+    assert set(ctc) >= {"ctc.proj.weight"} and "ctc.proj.weight" not in without
+    # Against the gradients' overall size: a conv bias before BatchNorm gets zero up to rounding.
+    scale = torch.stack([g.norm() for g in with_ctc.values()]).norm()
+    for name, grad in with_ctc.items():
+        expected = without.get(name, 0) + ctc.get(name, 0)
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5 * scale, msg=name)
