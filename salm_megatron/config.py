@@ -207,6 +207,9 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None  # model chunks per pipeline rank
     sequence_parallel: bool = False
     context_parallel_size: int = 1
+    # The first stage's TP ranks encode different audio segments and gather the embeddings,
+    # instead of each encoding all of them (see models/audio_split.py).
+    split_audio_over_tp: bool = True
 
     def __post_init__(self):
         for name in (

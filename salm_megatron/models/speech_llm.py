@@ -32,6 +32,7 @@ from ..audio import FastConformerEncoder, LogMelFeatures, SpecAugment, build_ada
 from ..audio.adapters import audio_embedding_lengths
 from ..config import Config
 from ..llm import build_llm, vocab_parallel_hits
+from .audio_split import gather_lengths, gather_segments, tp_share
 
 
 class AudioPath(torch.nn.Module):
@@ -256,16 +257,37 @@ class SpeechLLM(MegatronModule):
         the autograd graph when the micro-batch has no audio (every rank then produces the same
         gradient buckets; DDP would wait forever for the missing ones)."""
         audio, lengths = batch.get("audio"), batch.get("audio_lengths")
-        if audio is not None and len(audio):
-            encoded, encoded_lengths = self.audio.encode(audio, lengths)
-            emb, emb_lengths = self.audio.adapter(encoded, encoded_lengths)
-            spoken = batch.get("transcript_lengths")
-            if hasattr(self, "ctc") and spoken is not None and bool((spoken > 0).any()):
-                loss = self.ctc(encoded, encoded_lengths, batch["transcripts"], spoken)
-                self.ctc_loss_sum += float(loss.detach())
-                if torch.is_grad_enabled():
-                    emb = _WithLoss.apply(emb, self.cfg.model.ctc_weight * loss)
-            return emb, emb_lengths, emb.new_zeros(())
+        if audio is None or not len(audio):
+            return self._silence()
+        parallel = self.cfg.parallel
+        if not (parallel.split_audio_over_tp and parallel.tensor_model_parallel_size > 1):
+            return self._encode(batch, None)
+        count = len(audio)
+        mine = tp_share(count).to(audio.device)
+        # With more TP ranks than segments, a rank without any only joins the gather.
+        emb, lengths, keep_in_graph = self._encode(batch, mine) if len(mine) else self._silence()
+        return gather_segments(emb, count), gather_lengths(lengths, count), keep_in_graph
+
+    def _encode(self, batch: dict, rows: torch.Tensor | None):
+        """Embeddings of the segments ``rows`` (all when None), with the CTC loss attached."""
+        audio, lengths = batch["audio"], batch["audio_lengths"]
+        spoken, transcripts = batch.get("transcript_lengths"), batch.get("transcripts")
+        if rows is not None:
+            audio, lengths = audio[rows], lengths[rows]
+            if spoken is not None:
+                spoken, transcripts = spoken[rows], transcripts[rows]
+        encoded, encoded_lengths = self.audio.encode(audio, lengths)
+        emb, emb_lengths = self.audio.adapter(encoded, encoded_lengths)
+        if hasattr(self, "ctc") and spoken is not None and bool((spoken > 0).any()):
+            loss = self.ctc(encoded, encoded_lengths, transcripts, spoken)
+            self.ctc_loss_sum += float(loss.detach())
+            if torch.is_grad_enabled():
+                emb = _WithLoss.apply(emb, self.cfg.model.ctc_weight * loss)
+        return emb, emb_lengths, emb.new_zeros(())
+
+    def _silence(self):
+        """No segment to encode: empty embeddings, and a zero that keeps the audio path in the
+        graph (see :meth:`encode_audio`)."""
         sample_rate = self.cfg.encoder.features.sample_rate
         silence = torch.zeros(
             1, sample_rate // 10, device=self.llm.embedding.word_embeddings.weight.device

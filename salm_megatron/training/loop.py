@@ -253,7 +253,7 @@ class Trainer:
         self.optimizer.zero_grad()
         losses, step = self._run_schedule(self.data, forward_only=False)
         applied, grad_norm = optimizer_step(self.optimizer, self.cfg.optim.clip_grad)
-        average_batchnorm_statistics(self.chunks)
+        average_batchnorm_statistics(self.cfg, self.chunks)
         if applied:
             self.scheduler.step(increment=1)
         self.step += 1

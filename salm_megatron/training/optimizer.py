@@ -23,6 +23,7 @@ from megatron.core.optimizer import (
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from ..config import Config, ConfigError
+from ..models.audio_split import allreduce_split_grads
 
 
 def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
@@ -33,7 +34,7 @@ def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[DistributedData
         overlap_grad_reduce=False,
     )
     for chunk in chunks:
-        chunk.config.finalize_model_grads_func = finalize_model_grads
+        chunk.config.finalize_model_grads_func = finalize_grads(cfg)
     return [
         DistributedDataParallel(
             config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
@@ -42,15 +43,34 @@ def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[DistributedData
     ]
 
 
-@torch.no_grad()
-def average_batchnorm_statistics(chunks: list[torch.nn.Module]) -> None:
-    """Average BatchNorm running statistics (the encoder's) over data-parallel ranks.
+def finalize_grads(cfg: Config):
+    """Megatron's ``finalize_model_grads``, after summing over TP the audio-path gradients that
+    each TP rank computed from its own share of the segments (``parallel.split_audio_over_tp``)."""
+    if not (cfg.parallel.split_audio_over_tp and cfg.parallel.tensor_model_parallel_size > 1):
+        return finalize_model_grads
 
-    Megatron's DDP reduces gradients only; buffers would drift apart, as each DP rank sees its
-    own data. Averaged after every step they stay equal, so every rank evaluates alike and a
-    checkpoint (which stores one copy) holds the whole state.
+    def finalize(model, *args, **kwargs):
+        allreduce_split_grads(model)
+        return finalize_model_grads(model, *args, **kwargs)
+
+    return finalize
+
+
+@torch.no_grad()
+def average_batchnorm_statistics(cfg: Config, chunks: list[torch.nn.Module]) -> None:
+    """Average BatchNorm running statistics (the encoder's) over the ranks that see different
+    audio: data-parallel ranks, and TP ranks when they split the segments.
+
+    Megatron's DDP reduces gradients only; buffers would drift apart. Averaged after every step
+    they stay equal, so every rank evaluates alike and a checkpoint (which stores one copy) holds
+    the whole state.
     """
-    if parallel_state.get_data_parallel_world_size() == 1:
+    if cfg.parallel.split_audio_over_tp and cfg.parallel.tensor_model_parallel_size > 1:
+        group = parallel_state.get_tensor_and_data_parallel_group()
+    else:
+        group = parallel_state.get_data_parallel_group()
+    size = torch.distributed.get_world_size(group)
+    if size == 1:
         return
     stats = [
         buffer
@@ -62,8 +82,8 @@ def average_batchnorm_statistics(chunks: list[torch.nn.Module]) -> None:
     if not stats:
         return
     flat = torch.cat([b.float().flatten() for b in stats])
-    torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
-    flat /= parallel_state.get_data_parallel_world_size()
+    torch.distributed.all_reduce(flat, group=group)
+    flat /= size
     for buffer, value in zip(stats, flat.split([b.numel() for b in stats]), strict=True):
         buffer.copy_(value.view_as(buffer))
 

@@ -1,0 +1,84 @@
+"""The audio path split over tensor-parallel ranks: each rank encodes its share of the segments.
+
+The encoder and adapter are replicated on the TP ranks of the first pipeline stage, and every
+rank needs all the audio embeddings (they join the LLM's input before the sequence-parallel
+scatter). Instead of each rank encoding every segment, rank ``r`` of ``t`` encodes segments
+``r, r + t, ...`` and the embeddings are all-gathered. The gradient reaching the gathered
+embeddings is the same on every TP rank (Megatron's TP regions reduce it), so each rank keeps its
+own rows; its encoder gradient then covers its own segments only, and
+:func:`allreduce_split_grads` sums those over the TP group before the data-parallel reduction.
+BatchNorm statistics see only a rank's share (as they do per DP rank); the trainer averages the
+running statistics over the TP and DP ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+
+SPLIT_PREFIXES = ("audio.", "ctc.")  # parameters trained from a rank's own segments only
+
+
+def tp_share(count: int) -> torch.Tensor:
+    """Indices of the segments this TP rank encodes."""
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    return torch.arange(rank, count, size)
+
+
+class _GatherSegments(torch.autograd.Function):
+    """``[n_r, T_r, h]`` on each TP rank -> ``[n, T, h]`` of every rank's rows in segment order;
+    backward keeps this rank's rows (the incoming gradient is equal on all TP ranks)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, count: int) -> torch.Tensor:
+        group = parallel_state.get_tensor_model_parallel_group()
+        size = parallel_state.get_tensor_model_parallel_world_size()
+        shape = torch.tensor(local.shape[:2], device=local.device)
+        torch.distributed.all_reduce(shape, op=torch.distributed.ReduceOp.MAX, group=group)
+        rows, frames = int(shape[0]), int(shape[1])
+        padded = F.pad(local, (0, 0, 0, frames - local.shape[1], 0, rows - local.shape[0]))
+        parts = [torch.empty_like(padded) for _ in range(size)]
+        torch.distributed.all_gather(parts, padded.contiguous(), group=group)
+        # Rank r's row j is segment r + j * size.
+        gathered = torch.stack(parts, dim=1).flatten(0, 1)[:count]
+        ctx.rank, ctx.size, ctx.local_shape = (
+            parallel_state.get_tensor_model_parallel_rank(), size, local.shape,
+        )  # fmt: skip
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        n_local, t_local = ctx.local_shape[:2]
+        mine = grad[ctx.rank :: ctx.size][:n_local, :t_local]
+        return mine.contiguous(), None
+
+
+def gather_segments(local: torch.Tensor, count: int) -> torch.Tensor:
+    return _GatherSegments.apply(local, count)
+
+
+def gather_lengths(local: torch.Tensor, count: int) -> torch.Tensor:
+    """The lengths ``[n]`` of all segments from each rank's ``[n_r]`` (no gradient)."""
+    return _GatherSegments.apply(local[:, None, None].float(), count)[:, 0, 0].long()
+
+
+@torch.no_grad()
+def allreduce_split_grads(model_chunks) -> None:
+    """Sum over the TP group the gradients of the parameters each rank trains from its own
+    segments (the first stage's audio path), in Megatron's ``main_grad`` buffers."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    grads = [
+        param.main_grad
+        for chunk in model_chunks
+        for name, param in chunk.module.named_parameters()
+        if name.startswith(SPLIT_PREFIXES) and param.requires_grad
+    ]
+    if not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
+    for grad, value in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        grad.copy_(value.view_as(grad))
