@@ -8,8 +8,11 @@ TORCH  ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 # Extras installed with the project; EXTRAS=test,reference adds NeMo for the reference tests.
 EXTRAS ?= test
+# `make demo BESTOW=1` trains BESTOW instead of SALM.
+DEMO_ARGS := $(if $(BESTOW),--arch bestow)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv espeak clean
 
 # The virtual environment, torch first (the CPU wheel where no torch is importable: an unpinned
 # torch would pull several GB of CUDA wheels), then the project with its test extra.
@@ -22,10 +25,24 @@ $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml
 
 venv: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-demo: venv
-	$(VENV)/bin/salm demo
+# espeak-ng speaks the demo's dataset; installed from the system's package manager if absent.
+espeak:
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  echo "installing espeak-ng (speech synthesis for the demo's dataset)"; \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    $(SUDO) apt-get install -y -q espeak-ng >/dev/null 2>&1 || \
+	    { $(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q espeak-ng >/dev/null; }; \
+	  elif command -v brew >/dev/null 2>&1; then brew install espeak-ng; fi; \
+	  command -v espeak-ng >/dev/null 2>&1 || { \
+	    echo "could not install espeak-ng: install it with your package manager" \
+	         "(apt-get install espeak-ng, brew install espeak-ng) and run make again"; exit 1; }; }
 
+demo: venv espeak
+	$(VENV)/bin/salm demo $(DEMO_ARGS)
+
+# The demo's test needs espeak-ng too; without it that test is skipped (with the reason).
 test: venv
+	-@$(MAKE) --no-print-directory espeak
 	$(PY) -m pytest tests
 
 clean:

@@ -41,7 +41,7 @@ def _config_command(argv: list[str]) -> int:
 
 
 def _demo_command(argv: list[str]) -> int:
-    from .demo import main as demo_main
+    from .demo.run import main as demo_main
 
     return demo_main(argv)
 
@@ -93,7 +93,7 @@ COMMANDS = {
     "eval": (_eval_command, "decode shards with a checkpoint; WER/BLEU/accuracy per task"),
     "transcribe": (_transcribe_command, "transcribe (or answer about) audio files"),
     "config": (_config_command, "print and validate a resolved config"),
-    "demo": (_demo_command, "train a tiny model on 2 CPU processes (TP=2) and show the loss fall"),
+    "demo": (_demo_command, "train a small speech LLM on synthesized speech (TP=2, 2 CPUs)"),
     "bench": (_bench_command, "encoder throughput and SALM vs BESTOW step time on this machine"),
     "bench-data": (_bench_data_command, "loader throughput: decode + log-mel, per worker"),
     "bench-decode": (

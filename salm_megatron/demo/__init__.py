@@ -1,0 +1,1 @@
+"""`salm demo`: the whole stack on synthesized speech, on a laptop."""
