@@ -38,7 +38,7 @@ def plot_run(metrics: Path, png: Path, title: str) -> Path:
         scored = [s for s in checked if "wer" in valid[s]]
         scores.plot(scored, [100 * valid[s]["wer"] for s in scored], "o-", label="WER (%)")
         scores.plot(scored, [100 * valid[s]["answer_accuracy"] for s in scored], "s-",
-                    label="answer accuracy (%)")  # fmt: skip
+                    label="answers exactly right (%)")  # fmt: skip
         scores.set(xlabel="step", ylim=(0, 105), title="validation, decoded (unseen voices)")
         scores.legend()
     figure.suptitle(title)

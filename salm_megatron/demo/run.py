@@ -118,19 +118,23 @@ def summary(root: Path, arch: str, metrics: dict, seconds: float) -> str:
     """Where everything is, and what to run next."""
     run, rel = root / arch, os.path.relpath(root)
     asr, qa = metrics["asr"], metrics["qa"]
+    outputs = "\n".join(f"    {name:<19}{what}" for name, what in (
+        ("speech/", "espeak-ng WAVs and manifests (train/valid/test.jsonl)"),
+        ("shards/", "webdataset shards written by `salm shards`"),
+        ("tokenizer/", "the word-level sentencepiece model"),
+        (f"{arch}/run.yaml", "the training config"),
+        (f"{arch}/run/", "checkpoints/, tensorboard/, metrics.jsonl"),
+        (f"{arch}/eval/", "predictions.jsonl, metrics.json"),
+        (f"{arch}/curves.png", "losses, validation WER and answer accuracy over steps"),
+    ))  # fmt: skip
     return f"""
 salm demo: done in {seconds / 60:.1f} min
   test split (voices never heard in training):
     transcription   WER {100 * asr["wer"]:.2f}%  ({asr["count"]} utterances)
     questions       accuracy {100 * qa["accuracy"]:.1f}%  ({qa["count"]} utterances)
   in {rel}/:
-    speech/           espeak-ng WAVs and manifests (train/valid/test.jsonl)
-    shards/           webdataset shards written by `salm shards`
-    tokenizer/        the word-level sentencepiece model
-    {arch}/run.yaml      the training config
-    {arch}/run/          checkpoints/, tensorboard/, metrics.jsonl
-    {arch}/eval/         predictions.jsonl, metrics.json
-    {arch}/curves.png    loss, validation WER and answer accuracy over steps
+{outputs}
+  (the commands below run in the project's environment: source .venv/bin/activate)
   continue training:  torchrun --nproc-per-node 2 -m salm_megatron.train {rel}/{arch}/run.yaml \\
                           train.steps={2 * TRAINING["train"]["steps"]}
   BESTOW instead:     make demo BESTOW=1     (or: salm demo --arch bestow)
