@@ -1,7 +1,7 @@
 """Proves `salm demo` runs its whole path on a tiny scale: espeak-ng speech -> `salm shards` ->
-`salm train` (TP=2, 2 processes) -> `salm eval` -> curves PNG and the closing summary; and that a
-second run reuses what the first left. (Its quality targets are measured by `make demo` itself and
-recorded in the README.)"""
+`salm train` (TP=2, 2 processes) -> `salm eval` -> curves PNG and the closing summary; that a
+second run reuses what the first left, and that a longer run resumes training from the
+checkpoint. (Its quality targets are measured by `make demo` itself and recorded in the README.)"""
 
 import shutil
 import subprocess
@@ -24,7 +24,7 @@ def _demo(out, *args):
         cwd=REPO, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    return proc.stdout
+    return proc.stdout + proc.stderr
 
 
 def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path):
@@ -40,3 +40,6 @@ def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path):
 
     again = _demo(tmp_path)
     assert "dataset: reusing" in again and "shards: train" not in again
+
+    longer = _demo(tmp_path, "--steps", "5")  # as after an interruption at step 3
+    assert "resumed from" in longer and "at step 3" in longer
