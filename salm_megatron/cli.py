@@ -82,6 +82,24 @@ def _transcribe_command(argv: list[str]) -> int:
     return transcribe_main(argv)
 
 
+def _convert_command(argv: list[str]) -> int:
+    from .convert.commands import main as convert_main
+
+    return convert_main(argv)
+
+
+def _export_command(argv: list[str]) -> int:
+    from .convert.speech_model import export_main
+
+    return export_main(argv)
+
+
+def _import_command(argv: list[str]) -> int:
+    from .convert.speech_model import import_main
+
+    return import_main(argv)
+
+
 def _shards_command(argv: list[str]) -> int:
     from .data.shards import main as shards_main
 
@@ -101,6 +119,9 @@ COMMANDS = {
         "decoding speed: greedy vs beam, with and without the KV cache",
     ),
     "shards": (_shards_command, "NeMo-style JSONL manifests -> webdataset shards + index.json"),
+    "convert": (_convert_command, "checkpoints from/to Hugging Face and NeMo (see its --help)"),
+    "export": (_export_command, "a speech model's checkpoint -> HF LLM + speech.safetensors"),
+    "import": (_import_command, "`salm export` output -> checkpoint for eval/transcribe/train"),
 }
 
 

@@ -284,6 +284,7 @@ def validate_layout(llm: LLMConfig, parallel: ParallelConfig) -> None:
 
 NORMALIZE_TYPES = (None, "per_feature")
 CONV_NORM_TYPES = ("batch_norm", "layer_norm")
+ENCODER_TYPES = ("fastconformer", "whisper")
 ADAPTER_TYPES = ("linear", "mlp", "conformer")
 
 
@@ -362,9 +363,16 @@ class SpecAugmentConfig:
 class EncoderConfig:
     """FastConformer: NeMo's ConformerEncoder with dw_striding subsampling and rel_pos attention.
 
+    ``type: whisper`` is Whisper's encoder instead (two convolutions, the second of stride 2,
+    sinusoidal positions, pre-LN transformer layers) behind Whisper's log-mel front end (see
+    ``audio/whisper.py``). It reads d_model, num_layers, num_heads, ff_expansion_factor, dropout,
+    dropout_att, max_source_positions and features (sample_rate, n_mels, n_fft, window_size,
+    window_stride, dither); the convolution-module and subsampling-channel fields do not apply.
+
     The defaults are the ``tiny`` test size; ``encoder_preset`` gives NVIDIA's sizes.
     """
 
+    type: str = "fastconformer"  # fastconformer | whisper
     d_model: int = 64
     num_layers: int = 2
     num_heads: int = 4
@@ -380,6 +388,8 @@ class EncoderConfig:
     dropout_pre_encoder: float = 0.1
     dropout_emb: float = 0.0
     dropout_att: float = 0.1
+    # whisper: rows of the position table; inputs up to twice as many feature frames (30 s).
+    max_source_positions: int = 1500
     features: FeatureConfig = field(default_factory=FeatureConfig)
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
 
@@ -419,6 +429,35 @@ class EncoderConfig:
         self.att_context_size = list(context)
         for name in ("dropout", "dropout_pre_encoder", "dropout_emb", "dropout_att"):
             _fraction(f"encoder.{name}", getattr(self, name))
+        _choice("encoder.type", self.type, ENCODER_TYPES)
+        _positive("encoder.max_source_positions", self.max_source_positions)
+        if self.type == "whisper":
+            self._check_whisper()
+
+    def _check_whisper(self) -> None:
+        """Whisper's layout fixes what the FastConformer fields leave open."""
+        where = "with encoder.type='whisper'"
+        _require(
+            self.subsampling_factor == 2,
+            f"encoder.subsampling_factor={self.subsampling_factor} must be 2 {where} "
+            "(its second convolution halves the frame rate: 50 frames per second)",
+        )
+        _require(
+            self.att_context_size == [-1, -1],
+            f"encoder.att_context_size={self.att_context_size} must be [-1, -1] {where}",
+        )
+        _require(self.use_bias, f"encoder.use_bias=false is not supported {where}")
+        _require(
+            self.d_model % 2 == 0 and self.d_model >= 4,
+            f"encoder.d_model={self.d_model} must be even and >= 4 {where} (sines, cosines)",
+        )
+        for name in ("preemph", "normalize"):
+            value = getattr(self.features, name)
+            _require(
+                value is None,
+                f"encoder.features.{name}={value!r} must be null {where} (its front end has "
+                "no pre-emphasis and its own fixed scaling)",
+            )
 
     @property
     def subsampling_stages(self) -> int:
@@ -426,6 +465,11 @@ class EncoderConfig:
 
     def num_parameters(self) -> int:
         """Trainable parameters (BatchNorm running statistics excluded), as NeMo counts them."""
+        if self.type == "whisper":  # the position table is a buffer, not counted
+            d, f = self.d_model, self.d_model * self.ff_expansion_factor
+            convolutions = self.features.n_mels * d * 3 + d + d * d * 3 + d
+            layer = 4 * d * d + 3 * d + (d * f + f + f * d + d) + 2 * 2 * d  # k_proj: no bias
+            return convolutions + self.num_layers * layer + 2 * d
         d, c, k = self.d_model, self.subsampling_conv_channels, self.conv_kernel_size
         f = d * self.ff_expansion_factor
         freq = self.features.n_mels
@@ -445,6 +489,11 @@ class EncoderConfig:
         return subsampling + self.num_layers * layer
 
 
+# Whisper's front end: 25 ms periodic-Hann windows every 10 ms, no pre-emphasis, its own scaling.
+_WHISPER_FEATURES = dict(
+    n_fft=400, window_size=0.025, window_stride=0.01, preemph=None, normalize=None
+)
+_WHISPER = dict(type="whisper", subsampling_factor=2, dropout=0.0, dropout_att=0.0)
 ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     # Test size.
     "tiny": dict(),
@@ -461,6 +510,19 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
         subsampling_conv_channels=256,
         xscaling=False,
         features=dict(n_mels=128),
+    ),
+    # Test size, Whisper layout.
+    "tiny-whisper": dict(**_WHISPER, features=dict(_WHISPER_FEATURES)),
+    # OpenAI's Whisper encoders (the audio half of openai/whisper-small and -large-v3).
+    "whisper-small": dict(
+        **_WHISPER, d_model=768, num_layers=12, num_heads=12, features=dict(_WHISPER_FEATURES)
+    ),
+    "whisper-large-v3": dict(
+        **_WHISPER,
+        d_model=1280,
+        num_layers=32,
+        num_heads=20,
+        features=dict(_WHISPER_FEATURES, n_mels=128),
     ),
 }
 
@@ -562,6 +624,40 @@ class ModelConfig:
                 self.audio_token_id >= 0,
                 f"model.audio_token_id={self.audio_token_id} must be >= 0",
             )
+
+
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the LLM's linears (``models/lora.py``): each target computes
+    ``W x + alpha / rank * B A dropout(x)``, split over TP like ``W``. With
+    ``model.freeze_llm`` only the adapters of the LLM train."""
+
+    rank: int = 0  # 0: no adapters
+    alpha: float = 32.0
+    dropout: float = 0.0  # on the adapters' input
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self):
+        _require(
+            isinstance(self.rank, int) and self.rank >= 0,
+            f"lora.rank={self.rank!r} must be an integer >= 0 (0: off)",
+        )
+        _require(self.alpha > 0, f"lora.alpha={self.alpha} must be > 0")
+        _fraction("lora.dropout", self.dropout)
+        _require(
+            isinstance(self.targets, list) and len(self.targets) > 0,
+            f"lora.targets={self.targets!r} must be a non-empty list of "
+            f"{', '.join(map(repr, LORA_TARGETS))}",
+        )
+        for target in self.targets:
+            _choice("lora.targets", target, LORA_TARGETS)
+        _require(
+            len(set(self.targets)) == len(self.targets),
+            f"lora.targets={self.targets!r} names a linear twice",
+        )
 
 
 # ------------------------------------------------------------------------------------ training
@@ -708,6 +804,10 @@ class CheckpointConfig:
     # an encoder with FastConformerEncoder's (NeMo's) keys. Any TP/PP layout loads.
     pretrained_llm: Optional[str] = None
     pretrained_encoder: Optional[str] = None
+    # A whole speech model's weights to start from (ignored when resuming): a `salm import`
+    # folder or a training checkpoint's step folder; pretrained_llm/_encoder, when also set,
+    # replace their parts. Any TP/PP layout loads.
+    pretrained_model: Optional[str] = None
 
     def __post_init__(self):
         _optional_positive("checkpoint.interval", self.interval)
@@ -757,6 +857,7 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     bestow: BestowConfig = field(default_factory=BestowConfig)
@@ -788,6 +889,14 @@ class Config:
             f"parallel.pipeline_model_parallel_size={self.parallel.pipeline_model_parallel_size} "
             "use data.micro_batch_size",
         )
+        encoder, high = self.encoder, self.data.max_duration
+        if encoder.type == "whisper":
+            longest = 2 * encoder.max_source_positions * encoder.features.window_stride
+            _require(
+                high is not None and high <= longest + 1e-9,
+                f"data.max_duration={high} is longer than encoder.type='whisper' takes: "
+                f"{longest:g} s (encoder.max_source_positions={encoder.max_source_positions})",
+            )
         if self.model.arch == "bestow":
             _require(
                 self.llm.hidden_size % self.bestow.num_heads == 0,
@@ -888,6 +997,14 @@ def config_from_dict(data: dict[str, Any]) -> Config:
             fields = dict(fields)
             data[section] = _merge(_preset_section(section, fields.pop("preset")), fields)
     return _build(Config, data, "")
+
+
+def encoder_from_dict(data: dict[str, Any]) -> EncoderConfig:
+    """An ``encoder:`` section on its own (``preset: NAME`` starts it from a preset)."""
+    data = dict(data)
+    if "preset" in data:
+        data = _merge(_preset_section("encoder", data.pop("preset")), data)
+    return _build(EncoderConfig, data, "encoder.")
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -3,16 +3,22 @@
 One process trains on its own (world size 1); under torchrun (or srun setting RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT) every process runs this same code. The run resumes from the newest
 complete checkpoint in ``<train.output_dir>/checkpoints`` unless ``checkpoint.resume=false``.
+SIGUSR1 or SIGTERM saves a checkpoint at the next step and exits with ``EXIT_REQUEUE`` (75), which
+the sbatch scripts in ``slurm/`` answer with a requeue.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
 from .cli import setup_logging
 from .config import Config, ConfigError, apply_overrides, load_config
+
+# sysexits' EX_TEMPFAIL: a stop signal ended training after a checkpoint; run it again to resume.
+EXIT_REQUEUE = 75
 
 EXAMPLE = """examples:
   salm train run.yaml train.steps=2000 optim.lr=3e-4
@@ -44,11 +50,19 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.insert(0, args.file)
         args.file = None
     setup_logging()
-    from .training import TrainingError, train
-
     try:
         config = load_config(args.file) if args.file else Config()
         config = apply_overrides(config, args.overrides)
+    except ConfigError as err:
+        print(f"salm train: error: {err}", file=sys.stderr)
+        return 2
+    return _train(config)
+
+
+def _train(config: Config) -> int:
+    from .training import Preempted, TrainingError, train
+
+    try:
         train(config)
     except ConfigError as err:
         print(f"salm train: error: {err}", file=sys.stderr)
@@ -56,7 +70,36 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:
         print(f"salm train: stopped: {err}", file=sys.stderr)
         return 1
+    except Preempted as err:
+        print(f"salm train: preempted: {err}", file=sys.stderr)
+        return EXIT_REQUEUE
     return 0
+
+
+def slurm_task_environment(environ=os.environ) -> None:
+    """Under ``srun`` with one task per GPU and no torchrun (NeMo-Run's SLURM executor): rank,
+    world size and local rank from SLURM's task variables; the rendezvous on the node srun was
+    started from, at a port derived from the job id. Nothing changes where ``RANK`` is set."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ:
+        return
+    environ["RANK"] = environ["SLURM_PROCID"]
+    environ["WORLD_SIZE"] = environ["SLURM_NTASKS"]
+    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+    environ.setdefault("MASTER_ADDR", environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+    environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", 0)) % 20000))
+
+
+def run(config: Config) -> None:
+    """Train ``config`` in this process: the target of the NeMo-Run recipes (``recipes/``),
+    which build the config in Python. Exits with ``main``'s status when it is not 0."""
+    slurm_task_environment()
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # a warning while NeMo-Run loaded the recipe set them up
+        root.removeHandler(handler)
+    setup_logging()
+    status = _train(config)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

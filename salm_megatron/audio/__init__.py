@@ -1,4 +1,4 @@
-"""The audio side of the speech models: log-mel features, SpecAugment, FastConformer, adapters.
+"""The audio side of the speech models: log-mel features, SpecAugment, encoders, adapters.
 
 Plain PyTorch (no Megatron): these modules live on the first pipeline stage, replicated across
 tensor-parallel ranks.
@@ -12,6 +12,7 @@ from salm_megatron.audio.adapters import (
     build_adapter,
     stack_frames,
 )
+from salm_megatron.audio.encoders import build_encoder, build_features
 from salm_megatron.audio.fastconformer import (
     ConformerLayer,
     FastConformerEncoder,
@@ -21,6 +22,7 @@ from salm_megatron.audio.fastconformer import (
 )
 from salm_megatron.audio.features import LogMelFeatures, feature_lengths, slaney_mel_filterbank
 from salm_megatron.audio.specaugment import SpecAugment
+from salm_megatron.audio.whisper import WhisperEncoder, WhisperLogMel
 
 __all__ = [
     "ConformerAdapter",
@@ -30,8 +32,12 @@ __all__ = [
     "LogMelFeatures",
     "MLPAdapter",
     "SpecAugment",
+    "WhisperEncoder",
+    "WhisperLogMel",
     "adapter_output_lengths",
     "build_adapter",
+    "build_encoder",
+    "build_features",
     "conv_output_lengths",
     "encoder_output_lengths",
     "feature_lengths",

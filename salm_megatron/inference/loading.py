@@ -69,8 +69,7 @@ def load_model(cfg: Config, path: Path) -> torch.nn.Module:
     (model,) = build_speech_llm(cfg, params_dtype=dtype)
     if torch.cuda.is_available():
         model.cuda()
-    state = dist_checkpointing.load({"model0": model.sharded_state_dict()}, str(path))
-    model.load_state_dict(state["model0"])
+    checkpoint.load_weights(cfg, path, [model])  # with the frozen parts it left out
     return model.eval()
 
 

@@ -28,21 +28,22 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
-from ..audio import FastConformerEncoder, LogMelFeatures, SpecAugment, build_adapter
+from ..audio import SpecAugment, build_adapter, build_encoder, build_features
 from ..audio.adapters import audio_embedding_lengths
 from ..config import Config
 from ..llm import build_llm, vocab_parallel_hits
 from .audio_split import gather_lengths, gather_segments, tp_share
+from .lora import adapter_parameters, apply_lora
 
 
 class AudioPath(torch.nn.Module):
-    """Audio -> log-mel -> SpecAugment (training only) -> FastConformer -> adapter."""
+    """Audio -> log-mel -> SpecAugment (training only) -> encoder (encoder.type) -> adapter."""
 
     def __init__(self, cfg: Config, params_dtype: torch.dtype):
         super().__init__()
-        self.features = LogMelFeatures(cfg.encoder.features)
+        self.features = build_features(cfg.encoder)
         self.spec_augment = SpecAugment(cfg.encoder.spec_augment)
-        self.encoder = FastConformerEncoder(cfg.encoder)
+        self.encoder = build_encoder(cfg.encoder)
         self.adapter = build_adapter(cfg.adapter, cfg.encoder.d_model, cfg.llm.hidden_size)
         self.to(params_dtype)
 
@@ -177,6 +178,7 @@ class SpeechLLM(MegatronModule):
             vp_stage=vp_stage,
             scatter_embedding_sequence_parallel=False,
         )
+        apply_lora(llm, cfg.lora, seed=cfg.seed)  # nothing when lora.rank is 0
         super().__init__(config=llm.config)
         self.cfg = cfg
         self.llm = llm
@@ -202,7 +204,10 @@ class SpeechLLM(MegatronModule):
             "audio.adapter": self.cfg.model.freeze_adapter,
             "ctc": self.cfg.model.freeze_encoder,  # the encoder's auxiliary head
         }
+        adapters = {id(p) for p in adapter_parameters(self.llm)}  # LoRA trains on a frozen LLM
         for name, param in self.named_parameters():
+            if id(param) in adapters:
+                continue
             if any(name.startswith(prefix + ".") and on for prefix, on in frozen.items()):
                 param.requires_grad_(False)
 

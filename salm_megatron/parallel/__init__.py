@@ -1,5 +1,5 @@
 """Process groups, Megatron parallel state, seeds, and the CPU compatibility layer."""
 
-from .runtime import initialize, is_initialized, set_seed, teardown
+from .runtime import initialize, is_initialized, set_seed, single_process, teardown
 
-__all__ = ["initialize", "is_initialized", "set_seed", "teardown"]
+__all__ = ["initialize", "is_initialized", "set_seed", "single_process", "teardown"]

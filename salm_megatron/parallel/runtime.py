@@ -6,6 +6,7 @@ Launchers (torchrun, srun, our test harness) set ``RANK``, ``WORLD_SIZE``, ``LOC
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -43,15 +44,21 @@ def initialize(
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         parallel.validate_world(world_size)
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        rendezvous = {}
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            # One process outside any launcher: an in-memory store, no port to collide with.
+            rendezvous = {"store": dist.HashStore()}
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             rank=rank,
             world_size=world_size,
             timeout=timedelta(minutes=timeout_minutes),
+            **rendezvous,
         )
     world_size = dist.get_world_size()
     parallel.validate_world(world_size)
@@ -87,6 +94,28 @@ def is_initialized() -> bool:
     from megatron.core import parallel_state
 
     return dist.is_initialized() and parallel_state.model_parallel_is_initialized()
+
+
+@contextlib.contextmanager
+def single_process():
+    """Megatron's parallel state (TP=PP=1) for a tool in one process, outside any launcher (the
+    checkpoint converters: dist_checkpointing needs a process group). The group's store is in
+    memory, so there is no port to collide with. Inside a running job: that job's state."""
+    from megatron.core import parallel_state
+
+    if is_initialized():
+        yield
+        return
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        initialize(ParallelConfig(), rank=0, world_size=1)
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if own_group:
+            dist.destroy_process_group()
 
 
 def teardown() -> None:

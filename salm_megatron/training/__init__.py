@@ -1,5 +1,5 @@
 """Training: the loop on Megatron-Core's schedules, DDP and optimizer; checkpoints; reporting."""
 
-from .loop import Trainer, TrainingError, train
+from .loop import Preempted, Trainer, TrainingError, train
 
-__all__ = ["Trainer", "TrainingError", "train"]
+__all__ = ["Preempted", "Trainer", "TrainingError", "train"]

@@ -13,6 +13,12 @@ A reader trusts only renamed folders, so a kill at any moment leaves the previou
 the newest. RNG and data state are per rank: they are restored when the data-parallel size is
 the same (data state is keyed by DP rank; RNG needs the very same layout, else it is reseeded
 from the seed and step, with a warning).
+
+Frozen parts that a pretrained checkpoint provides (``model.freeze_llm`` with
+``checkpoint.pretrained_llm``, ``freeze_encoder`` with ``pretrained_encoder``) are left out: their
+weights never change. ``common.pt`` names them (``left_out``) and every load takes them from the
+pretrained checkpoint again, so a LoRA run on a frozen LLM saves only the adapters and what else
+trains (with optimizer, schedule, RNG and data state).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import re
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +42,9 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.optimizer import distrib_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.transformer.utils import sharded_state_dict_default
+
+from ..config import ConfigError
+from ..models.lora import adapter_parameters
 
 log = logging.getLogger("salm.checkpoint")
 
@@ -146,14 +155,109 @@ OPTIMIZER_FORMAT = {
 }
 
 
-def _sharded(chunks, optimizer, common: dict, loading: bool) -> dict:
-    state = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+class Part(NamedTuple):
+    """A part of the model whose weights a pretrained checkpoint can provide."""
+
+    prefix: str  # of its keys in a model chunk's state dict
+    what: str
+    freeze: str  # ModelConfig switch
+    source: str  # CheckpointConfig field
+
+
+PARTS = (
+    Part("llm.", "LLM", "freeze_llm", "pretrained_llm"),
+    Part("audio.encoder.", "encoder", "freeze_encoder", "pretrained_encoder"),
+)
+
+
+def _part_modules(part: Part, chunks) -> list:
+    """The module of ``part`` per chunk; None on ranks without it (loads are collective)."""
+    if part.prefix == "llm.":
+        return [chunk.llm for chunk in chunks]
+    first = chunks[0]
+    return [first.audio.encoder if first.pre_process else None]
+
+
+def parts_left_out(cfg) -> list[str]:
+    """Prefixes of the frozen parts that checkpoints of run ``cfg`` leave out."""
+    return [
+        part.prefix
+        for part in PARTS
+        if getattr(cfg.model, part.freeze) and getattr(cfg.checkpoint, part.source)
+    ]
+
+
+def left_out(path: Path) -> list[str]:
+    """Prefixes of the parts checkpoint ``path`` left out (to be loaded from pretrained ones)."""
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    return list(common.get("common", {}).get("left_out", []))
+
+
+def load_pretrained_parts(cfg, chunks, prefixes=None, needed_by: Path | None = None) -> None:
+    """The pretrained LLM and encoder named in ``cfg.checkpoint`` into ``chunks`` (collective):
+    every one named, or only the parts ``prefixes`` that checkpoint ``needed_by`` left out,
+    which must then be named. A whole pretrained model (``checkpoint.pretrained_model``)
+    loads first, so named parts replace its."""
+    whole = cfg.checkpoint.pretrained_model
+    if prefixes is None and whole is not None:
+        if (Path(whole) / "metadata.json").is_file() and left_out(Path(whole)):
+            raise ConfigError(
+                f"checkpoint.pretrained_model={whole} left out its frozen parts "
+                f"{left_out(Path(whole))}: start from a checkpoint that holds the whole model "
+                "(`salm export` then `salm import` makes one)"
+            )
+        for chunk in chunks:
+            load_pretrained(chunk, whole, "model")
+    for part in PARTS:
+        if prefixes is not None and part.prefix not in prefixes:
+            continue
+        path = getattr(cfg.checkpoint, part.source)
+        if path is None:
+            if prefixes is None:
+                continue
+            raise ConfigError(
+                f"{needed_by} holds no {part.what} weights: they were frozen "
+                f"(model.{part.freeze}) and came from checkpoint.{part.source}; set "
+                f"checkpoint.{part.source} to that checkpoint"
+            )
+        for module in _part_modules(part, chunks):
+            load_pretrained(module, path, part.what)
+
+
+def _model_state(chunk, prefixes) -> tuple[dict, set[str]]:
+    """The chunk's sharded state without the frozen parameters under ``prefixes``; and the
+    state-dict keys left out."""
+    sharded = chunk.sharded_state_dict()
+    if not prefixes:
+        return sharded, set()
+    named = dict(chunk.named_parameters())
+    adapters = {id(p) for p in adapter_parameters(chunk)}
+    for name, p in named.items():  # the checkpoint has no weights (or moments) for it
+        if name.startswith(tuple(prefixes)) and p.requires_grad and id(p) not in adapters:
+            raise ConfigError(
+                f"{name} trains, but the checkpoint leaves its part out (it was frozen and "
+                "came from checkpoint.pretrained_*): keep it frozen, or start a new run"
+            )
+    frozen = {id(p) for name, p in named.items() if not p.requires_grad}
+    dropped = {
+        key
+        for key, value in sharded.items()
+        if key.startswith(tuple(prefixes)) and id(getattr(value, "data", None)) in frozen
+    }
+    return {k: v for k, v in sharded.items() if k not in dropped}, dropped
+
+
+def _sharded(chunks, optimizer, common: dict, loading: bool, left: list[str]) -> tuple[dict, list]:
+    state, dropped = {}, []
+    for i, chunk in enumerate(chunks):
+        state[f"model{i}"], keys = _model_state(chunk, left)
+        dropped.append(keys)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             state, is_loading=loading, metadata=OPTIMIZER_FORMAT
         )
     state["common"] = common
-    return state
+    return state, dropped
 
 
 def save(
@@ -165,8 +269,10 @@ def save(
     rank_state: dict,
     keep: int | None,
     async_queue: AsyncCallsQueue | None = None,
+    leave_out: list[str] = (),
 ) -> Path:
     """Write checkpoint ``step`` (collective). ``common`` must be equal on every rank.
+    ``leave_out``: prefixes of frozen parts not to save (:func:`parts_left_out`).
 
     With ``async_queue`` the tensors are written by a forked process while training goes on
     (on GPU they are first copied to host memory; on CPU the fork's copy-on-write snapshot
@@ -181,7 +287,8 @@ def save(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    sharded = _sharded(chunks, optimizer, {"format": FORMAT, **common}, loading=False)
+    common = {"format": FORMAT, "left_out": list(leave_out), **common}
+    sharded, _ = _sharded(chunks, optimizer, common, loading=False, left=list(leave_out))
     request = dist_checkpointing.save(sharded, str(tmp), async_sharded_save=async_queue is not None)
     own = {"layout": layout(), **coordinates(), **rank_state, "rng": rng_state()}
     (tmp / "ranks").mkdir(exist_ok=True)
@@ -261,18 +368,36 @@ def _torch_adam_loading(optimizer):
 
 def load(path: Path, chunks: list[torch.nn.Module], optimizer) -> tuple[dict, dict | None]:
     """Load model and optimizer (resharded to this layout); returns the common state and this
-    rank's own saved state when the data-parallel layout allows (else None)."""
+    rank's own saved state when the data-parallel layout allows (else None). The parts the
+    checkpoint left out (:func:`left_out`) must be loaded from their pretrained checkpoints."""
     common = {"format": FORMAT}
     with _torch_adam_loading(optimizer):
-        sharded = _sharded(chunks, optimizer, common, loading=True)
+        sharded, dropped = _sharded(chunks, optimizer, common, loading=True, left=left_out(path))
         state = dist_checkpointing.load(sharded, str(path))
         if state["common"].get("format") != FORMAT:
             raise ValueError(f"{path} is not a salm-megatron training checkpoint")
         for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(state[f"model{i}"])
+            _load_state(chunk, state[f"model{i}"], dropped[i], path)
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
     return state["common"], _own_rank_state(path)
+
+
+def load_weights(cfg, path: Path, chunks: list[torch.nn.Module]) -> None:
+    """The model weights of training checkpoint ``path``, with the frozen parts it left out
+    from the pretrained checkpoints ``cfg`` names (evaluation, conversion; collective)."""
+    load_pretrained_parts(cfg, chunks, left_out(path), needed_by=path)
+    load(path, chunks, None)
+
+
+def _load_state(module: torch.nn.Module, state: dict, absent: set[str], path) -> None:
+    """``module.load_state_dict`` where exactly the keys ``absent`` may be missing."""
+    result = module.load_state_dict(state, strict=not absent)
+    missing = set(result.missing_keys) - absent
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{path}: missing {sorted(missing)[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
 
 
 def _own_rank_state(path: Path) -> dict | None:
@@ -299,18 +424,28 @@ def _module_sharded(module: torch.nn.Module | None) -> dict:
         return {}
     if hasattr(module, "sharded_state_dict"):  # Megatron modules know their TP/PP split
         return module.sharded_state_dict()
-    return sharded_state_dict_default(module, prefix="")  # replicated everywhere
+    # Replicated everywhere. The TP group must be named: without it Megatron-Core 0.16 gives every
+    # TP rank the main replica's id, and a load at TP>1 fails its sharding validation.
+    group = parallel_state.get_tensor_model_parallel_group()
+    return sharded_state_dict_default(module, prefix="", tp_group=group)
 
 
 def load_pretrained(module: torch.nn.Module | None, path: str | Path, what: str) -> None:
-    """Weights of ``module`` from a dist checkpoint holding its keys (any TP/PP layout).
-    Collective: ranks that hold none of it pass ``None``."""
+    """Weights of ``module`` from a dist checkpoint holding its keys (any TP/PP layout); LoRA
+    adapters keep theirs (a pretrained model has none). Collective: ranks that hold none of it
+    pass ``None``."""
     path = Path(path)
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"pretrained {what} {path} is not a Megatron dist checkpoint")
-    state = dist_checkpointing.load(_module_sharded(module), str(path))
+    sharded = _module_sharded(module)
+    adapters = {id(p) for p in adapter_parameters(module)} if module is not None else set()
+    absent = {k for k, v in sharded.items() if id(getattr(v, "data", None)) in adapters}
+    state = dist_checkpointing.load(
+        {k: v for k, v in sharded.items() if k not in absent}, str(path)
+    )
+    state.pop("common", None)  # a training checkpoint's counters and config (pretrained_model)
     if module is not None:
-        module.load_state_dict(state)
+        _load_state(module, state, absent, path)
     log.info("loaded pretrained %s from %s", what, path)
 
 

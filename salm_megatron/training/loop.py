@@ -3,7 +3,9 @@
 Every process of the job runs :func:`train`. A step reads ``num_microbatches`` micro-batches
 (first and last pipeline stages), runs ``forward_backward_func`` (1F1B, or interleaved with
 virtual stages), ``finalize_model_grads`` (via the model config), then the optimizer step unless
-the global gradient norm is NaN/inf. Rank 0 reports; checkpoints resume exactly.
+the global gradient norm is NaN/inf. Rank 0 reports; checkpoints resume exactly. SIGUSR1 or SIGTERM
+(a scheduler's warning before a time limit or preemption) ends training at the next step boundary
+with a checkpoint and :class:`Preempted`; the same command then resumes from it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import functools
 import itertools
 import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +50,39 @@ log = logging.getLogger("salm.train")
 
 class TrainingError(RuntimeError):
     """Training cannot go on (the message says why and what was saved)."""
+
+
+class Preempted(RuntimeError):
+    """A stop signal ended training after a checkpoint; running it again resumes there."""
+
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopSignals:
+    """Notes SIGUSR1/SIGTERM instead of dying, so training can stop at a step boundary with a
+    checkpoint. A launcher may signal only some ranks: :meth:`agreed` all-reduces the flag."""
+
+    def __init__(self):
+        self.received = 0
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers live there only
+            for number in STOP_SIGNALS:
+                self._previous[number] = signal.signal(number, self._note)
+
+    def _note(self, number, frame) -> None:
+        self.received = number
+
+    def agreed(self) -> int:
+        """The signal some rank received (0: none), the same number on every rank."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        flag = torch.tensor([self.received], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 def check_training_config(cfg: Config) -> None:
@@ -117,7 +154,10 @@ class Trainer:
         if not cfg.checkpoint.resume:
             resume_from = None
         if resume_from is None:
-            self._load_pretrained()
+            checkpoint.load_pretrained_parts(cfg, self.chunks)
+        else:  # the frozen parts it left out (a LoRA run's LLM) come from pretrained ones
+            left_out = checkpoint.left_out(resume_from)
+            checkpoint.load_pretrained_parts(cfg, self.chunks, left_out, needed_by=resume_from)
         self.model = wrap_ddp(cfg, self.chunks)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
         self.data = StepBatches(
@@ -130,16 +170,6 @@ class Trainer:
             self._resume(resume_from)
 
     # ------------------------------------------------------------------------- checkpoints
-
-    def _load_pretrained(self) -> None:
-        ckpt = self.cfg.checkpoint
-        if ckpt.pretrained_llm:
-            for chunk in self.chunks:
-                checkpoint.load_pretrained(chunk.llm, ckpt.pretrained_llm, "LLM")
-        if ckpt.pretrained_encoder:
-            first = self.chunks[0]
-            encoder = first.audio.encoder if first.pre_process else None
-            checkpoint.load_pretrained(encoder, ckpt.pretrained_encoder, "encoder")
 
     def _resume(self, path: Path) -> None:
         common, own = checkpoint.load(path, self.chunks, self.optimizer)
@@ -180,6 +210,7 @@ class Trainer:
         path = checkpoint.save(
             self.checkpoints, self.step, self.chunks, self.optimizer, common,
             {"data": self.data.state_dict()}, self.cfg.checkpoint.keep, self.async_queue,
+            leave_out=checkpoint.parts_left_out(self.cfg),
         )  # fmt: skip
         if self.rank0 and self.async_queue is not None:
             log.info("writing checkpoint %s in the background", path)
@@ -358,19 +389,21 @@ class Trainer:
 def train(cfg: Config) -> dict:
     """Train as ``cfg`` says, in every process of the job; returns the last step's record."""
     check_training_config(cfg)
-    parallel.initialize(cfg.parallel, seed=cfg.seed)
+    stop = StopSignals()  # before the slow start, so that an early signal is kept too
     try:
+        parallel.initialize(cfg.parallel, seed=cfg.seed)
         dp_size = parallel_state.get_data_parallel_world_size()
         microbatches = cfg.train.microbatches(cfg.data, dp_size)
         cfg = dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, num_microbatches=microbatches)
         )
-        return _train(cfg)
+        return _train(cfg, stop)
     finally:
         parallel.teardown()
+        stop.restore()
 
 
-def _train(cfg: Config) -> dict:
+def _train(cfg: Config, stop: StopSignals) -> dict:
     rank0 = torch.distributed.get_rank() == 0
     output_dir = Path(cfg.train.output_dir)
     resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -409,10 +442,23 @@ def _train(cfg: Config) -> dict:
                 if reporter:
                     reporter.validation(result)
             last = trainer.step == train_cfg.steps
-            if last or (ckpt_cfg.interval and trainer.step % ckpt_cfg.interval == 0):
-                trainer.save()
+            saved = last or (ckpt_cfg.interval and trainer.step % ckpt_cfg.interval == 0)
+            if saved:
+                path = trainer.save()
+            signaled = stop.agreed()
+            if signaled and not last:
+                if not saved:
+                    path = trainer.save()
+                trainer.finish_checkpoints(blocking=True)
+                name = signal.Signals(signaled).name
+                if rank0:
+                    log.warning("%s: stopped at step %d, checkpoint %s", name, trainer.step, path)
+                raise Preempted(
+                    f"{name} at step {trainer.step}: saved {path}; run the same command again "
+                    "to resume from it"
+                )
         trainer.finish_checkpoints(blocking=True)
-    except TrainingError:
+    except (TrainingError, Preempted):
         raise
     except BaseException:
         trainer.abandon_checkpoints()

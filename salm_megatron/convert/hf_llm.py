@@ -1,0 +1,711 @@
+"""Hugging Face Llama / Mistral / Qwen2 checkpoints <-> our LLM as a Megatron dist checkpoint.
+
+``hf-to-mcore`` writes what ``checkpoint.pretrained_llm`` loads at any TP/PP: the GPTModel's keys
+(norms under the Transformer Engine names, layers stacked), with ``llm.yaml`` (our llm.* fields),
+the source ``config.json`` and the tokenizer beside it. ``mcore-to-hf`` reads such a folder or a
+training checkpoint of a speech model (its LLM only) back into a folder transformers loads.
+
+Both stream: HF shards are read one at a time and the converted tensors staged in memory-mapped
+files until the single dist-checkpoint save; the export reads the checkpoint a layer at a time.
+Megatron's tensors differ from Hugging Face's in three ways (see :func:`conversion_rules`):
+q/k/v are one matrix, grouped per query group as [q heads of the group, k, v]; gate and up are
+one matrix [gate; up]; the vocabulary is padded to ``LLMConfig.padded_vocab_size`` with zero rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+from megatron.core.models.gpt import GPTModel
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from .. import parallel
+from ..config import ConfigError, LLMConfig, ParallelConfig, config_from_dict
+from ..llm.model import transformer_config
+from ..llm.specs import decoder_spec
+from .hf_io import (
+    ConversionError,
+    SafetensorsFolder,
+    ShardedSafetensorsWriter,
+    atomic_folder,
+    copy_tokenizer,
+    read_json,
+)
+
+log = logging.getLogger("salm.convert")
+
+LLM_CONFIG_FILE = "llm.yaml"  # our llm.* fields, beside a converted checkpoint
+HF_CONFIG_FILE = "config.json"
+ARCHITECTURES = {  # Hugging Face class -> model_type
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+# Megatron-Core's Llama-3 rope scaling has these fixed; only the factor is configurable.
+LLAMA3_ROPE_FIXED = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Hugging Face tensors that carry nothing (recomputed buffers).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# -------------------------------------------------------------------------------------- config
+
+
+def llm_config_from_hf(hf: dict, source: str = HF_CONFIG_FILE) -> LLMConfig:
+    """Our LLMConfig for a Hugging Face ``config.json``; unsupported settings are errors."""
+
+    def fail(message: str):
+        raise ConversionError(f"{source}: {message}")
+
+    def need(key: str):
+        if hf.get(key) is None:
+            fail(f"has no {key}")
+        return hf[key]
+
+    architectures = hf.get("architectures") or []
+    arch = architectures[0] if len(architectures) == 1 else None
+    if arch not in ARCHITECTURES or hf.get("model_type") != ARCHITECTURES[arch]:
+        fail(
+            f"architectures={architectures} model_type={hf.get('model_type')!r} is not supported; "
+            f"supported: {', '.join(f'{a} ({t})' for a, t in ARCHITECTURES.items())}"
+        )
+    model_type = ARCHITECTURES[arch]
+    if hf.get("hidden_act", "silu") != "silu":
+        fail(f"hidden_act={hf['hidden_act']!r} is not supported (only silu)")
+    for key in ("attention_bias", "mlp_bias"):
+        if model_type != "qwen2" and hf.get(key):
+            fail(f"{key}=true is not supported (Llama/Mistral linears without bias)")
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        fail("use_sliding_window=true is not supported (attention here is full causal)")
+    if model_type == "mistral" and hf.get("sliding_window") is not None:
+        fail(
+            f"sliding_window={hf['sliding_window']} is not supported (attention here is full "
+            "causal); Mistral 7B v0.2 and later have sliding_window=null"
+        )
+    hidden, heads = need("hidden_size"), need("num_attention_heads")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim * heads != hidden:
+        fail(
+            f"head_dim={head_dim} is not hidden_size/num_attention_heads={hidden}/{heads} "
+            "(not supported)"
+        )
+    theta, factor = _rope(hf, fail)
+    try:
+        return LLMConfig(
+            num_layers=need("num_hidden_layers"),
+            hidden_size=hidden,
+            ffn_hidden_size=need("intermediate_size"),
+            num_attention_heads=heads,
+            num_query_groups=hf.get("num_key_value_heads") or heads,
+            vocab_size=need("vocab_size"),
+            max_position_embeddings=need("max_position_embeddings"),
+            rotary_base=theta,
+            rope_scaling_factor=factor,
+            norm_epsilon=float(need("rms_norm_eps")),
+            qkv_bias=model_type == "qwen2",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+    except ConfigError as err:
+        fail(f"gives an invalid LLM config: {err}")
+
+
+def _rope(hf: dict, fail: Callable[[str], None]) -> tuple[float, float | None]:
+    """(rotary base, Llama-3 scaling factor or None) from transformers 5's ``rope_parameters``
+    or the older ``rope_theta`` + ``rope_scaling``."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if theta != int(theta):
+        fail(f"rope_theta={theta} is not an integer (Megatron-Core takes an integer base)")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        fail(f"rope scaling type {kind!r} is not supported (default, llama3)")
+    for key, value in LLAMA3_ROPE_FIXED.items():
+        if params.get(key) != value:
+            fail(
+                f"rope scaling {key}={params.get(key)!r} is not supported: Megatron-Core's "
+                f"llama3 scaling fixes it at {value}"
+            )
+    return theta, float(params["factor"])
+
+
+def hf_config_from_llm(llm: LLMConfig, dtype: torch.dtype) -> dict:
+    """A Llama (Qwen2 with QKV bias) ``config.json`` for checkpoints that carry none."""
+    qwen = llm.qkv_bias
+    rope_scaling = None
+    if llm.rope_scaling_factor is not None:
+        rope_scaling = {"rope_type": "llama3", "factor": llm.rope_scaling_factor}
+        rope_scaling.update(LLAMA3_ROPE_FIXED)
+    config = {
+        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen else "llama",
+        "hidden_size": llm.hidden_size,
+        "intermediate_size": llm.ffn_hidden_size,
+        "num_hidden_layers": llm.num_layers,
+        "num_attention_heads": llm.num_attention_heads,
+        "num_key_value_heads": llm.num_query_groups,
+        "head_dim": llm.head_dim,
+        "vocab_size": llm.vocab_size,
+        "max_position_embeddings": llm.max_position_embeddings,
+        "rms_norm_eps": llm.norm_epsilon,
+        "hidden_act": "silu",
+        "tie_word_embeddings": llm.tie_embeddings,
+        "rope_theta": llm.rotary_base,
+        "rope_scaling": rope_scaling,
+        "torch_dtype": _dtype_name(dtype),
+    }
+    if qwen:
+        config["use_sliding_window"] = False
+    else:
+        config.update(attention_bias=False, mlp_bias=False)
+    return config
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def write_llm_config(llm: LLMConfig, path: Path, source: str) -> None:
+    fields = (
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+        "num_query_groups", "vocab_size", "make_vocab_size_divisible_by",
+        "max_position_embeddings", "rotary_base", "rope_scaling_factor", "norm_epsilon",
+        "qkv_bias", "tie_embeddings",
+    )  # fmt: skip
+    header = (
+        f"# Converted from {source} by `salm convert hf-to-mcore`. Train from it with these\n"
+        "# llm.* fields and checkpoint.pretrained_llm (and data.tokenizer) set to this folder.\n"
+    )
+    body = yaml.safe_dump({"llm": {name: getattr(llm, name) for name in fields}}, sort_keys=False)
+    path.write_text(header + body)
+
+
+def read_llm_config(path: Path) -> LLMConfig:
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data.get("llm"), dict):
+        raise ConversionError(f"{path} has no llm: section")
+    try:
+        return config_from_dict({"llm": data["llm"]}).llm
+    except ConfigError as err:
+        raise ConversionError(f"{path}: {err}") from None
+
+
+# --------------------------------------------------------------------------------- tensor rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One Megatron tensor (its name in GPTModel's state dict at TP=1) and the Hugging Face
+    tensors it is made of, with their shapes; ``join`` and ``split`` convert both ways."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
+    join: Callable[..., torch.Tensor]
+    split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+
+
+def _same(megatron: str, hf: str, shape: tuple[int, ...]) -> Rule:
+    return Rule(megatron, (hf,), (shape,), lambda t: t, lambda t: (t,))
+
+
+def _vocab_rows(llm: LLMConfig, megatron: str, hf: str) -> Rule:
+    """Embedding or output layer: zero rows appended up to the padded vocabulary."""
+    vocab, padded = llm.vocab_size, llm.padded_vocab_size
+
+    def join(t):
+        return torch.cat([t, t.new_zeros(padded - vocab, *t.shape[1:])]) if padded > vocab else t
+
+    return Rule(megatron, (hf,), ((vocab, llm.hidden_size),), join, lambda t: (t[:vocab],))
+
+
+def _qkv(llm: LLMConfig, megatron: str, hf: tuple[str, str, str], rest: tuple[int, ...]) -> Rule:
+    """q, k, v ``[heads * d, ...]`` -> per query group [its q heads, k, v] stacked."""
+    groups, d = llm.num_query_groups, llm.head_dim
+    q_rows = llm.num_attention_heads // groups * d
+
+    def join(q, k, v):
+        parts = (
+            q.reshape(groups, q_rows, *rest),
+            k.reshape(groups, d, *rest),
+            v.reshape(groups, d, *rest),
+        )
+        return torch.cat(parts, dim=1).reshape(-1, *rest)
+
+    def split(qkv):
+        q, k, v = qkv.reshape(groups, q_rows + 2 * d, *rest).split([q_rows, d, d], dim=1)
+        return tuple(t.reshape(-1, *rest) for t in (q, k, v))
+
+    shapes = ((groups * q_rows, *rest), (groups * d, *rest), (groups * d, *rest))
+    return Rule(megatron, hf, shapes, join, split)
+
+
+def _gate_up(llm: LLMConfig, megatron: str, mlp: str) -> Rule:
+    """SwiGLU gate and up ``[ffn, h]`` -> one ``[2 * ffn, h]`` matrix, gate first."""
+    ffn = llm.ffn_hidden_size
+    shape = (ffn, llm.hidden_size)
+    return Rule(
+        megatron,
+        (f"{mlp}gate_proj.weight", f"{mlp}up_proj.weight"),
+        (shape, shape),
+        lambda gate, up: torch.cat([gate, up]),
+        lambda t: (t[:ffn], t[ffn:]),
+    )
+
+
+def conversion_rules(llm: LLMConfig) -> list[list[Rule]]:
+    """Every tensor of the model, in groups read together: embedding, each layer, the end."""
+    h, f = llm.hidden_size, llm.ffn_hidden_size
+    heads_dim = llm.num_attention_heads * llm.head_dim
+    groups = [[_vocab_rows(llm, "embedding.word_embeddings.weight", "model.embed_tokens.weight")]]
+    for i in range(llm.num_layers):
+        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
+        attn, qkv = f"{hf}self_attn.", f"{mc}self_attention.linear_qkv"
+        layer = [
+            _same(f"{mc}input_layernorm.weight", f"{hf}input_layernorm.weight", (h,)),
+            _qkv(llm, f"{qkv}.weight", tuple(f"{attn}{x}_proj.weight" for x in "qkv"), (h,)),
+            _same(f"{mc}self_attention.linear_proj.weight", f"{attn}o_proj.weight", (h, heads_dim)),
+            _same(f"{mc}pre_mlp_layernorm.weight", f"{hf}post_attention_layernorm.weight", (h,)),
+            _gate_up(llm, f"{mc}mlp.linear_fc1.weight", f"{hf}mlp."),
+            _same(f"{mc}mlp.linear_fc2.weight", f"{hf}mlp.down_proj.weight", (h, f)),
+        ]
+        if llm.qkv_bias:
+            layer.append(_qkv(llm, f"{qkv}.bias", tuple(f"{attn}{x}_proj.bias" for x in "qkv"), ()))
+        groups.append(layer)
+    last = [_same("decoder.final_layernorm.weight", "model.norm.weight", (h,))]
+    if not llm.tie_embeddings:
+        last.append(_vocab_rows(llm, "output_layer.weight", "lm_head.weight"))
+    groups.append(last)
+    return groups
+
+
+def _check_hf_tensors(shapes: dict[str, tuple], rules: list[Rule], llm: LLMConfig, where) -> None:
+    """Every tensor the rules need is there with its shape; nothing unknown is left over."""
+    expected = {name: shape for r in rules for name, shape in zip(r.hf, r.hf_shapes, strict=True)}
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise ConversionError(f"{where}: tensor {name} is missing")
+        if shapes[name] != shape:
+            raise ConversionError(
+                f"{where}: tensor {name} has shape {list(shapes[name])}, expected {list(shape)} "
+                "from config.json"
+            )
+    for name in shapes:
+        if name in expected or name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and llm.tie_embeddings:
+            continue  # some tied checkpoints store the output layer too
+        raise ConversionError(f"{where}: unexpected tensor {name} (not a {_family(llm)} weight)")
+
+
+def _family(llm: LLMConfig) -> str:
+    return "Qwen2" if llm.qkv_bias else "Llama/Mistral"
+
+
+# --------------------------------------------------------------------- the checkpoint's layout
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """Megatron's parallel state for this one process (TP=PP=1), unless the caller has it up."""
+    if parallel.is_initialized():
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if (tp, pp) != (1, 1):
+            raise ConversionError(f"conversion runs at TP=PP=1; this process has TP={tp} PP={pp}")
+    with parallel.single_process():
+        yield
+
+
+def checkpoint_layout(llm: LLMConfig, prefix: str = "") -> dict:
+    """GPTModel's sharded state dict at TP=PP=1, built on the meta device (nothing allocated):
+    the checkpoint's keys, layer stacking and extra-state objects, exactly as training saves."""
+    local = dataclasses.replace(llm, transformer_impl="local", fp8=None, recompute="none")
+    config = dataclasses.replace(
+        transformer_config(local, ParallelConfig()), use_cpu_initialization=True
+    )
+    with torch.device("meta"):
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_spec(local, config),
+            vocab_size=llm.padded_vocab_size,
+            max_sequence_length=llm.max_position_embeddings,
+            share_embeddings_and_output_weights=llm.tie_embeddings,
+            position_embedding_type="rope",
+        )
+    return model.sharded_state_dict(prefix=prefix)
+
+
+def _layer_of(name: str) -> int:
+    return int(name.split("decoder.layers.", 1)[1].split(".", 1)[0])
+
+
+def _filled(entry, name: str, tensor: torch.Tensor, llm: LLMConfig) -> ShardedTensor:
+    """``entry`` of the layout holding ``tensor``. SwiGLU's factory (which splits gate and up
+    into two views, each copied when saved) becomes one tensor of the same global shape."""
+    if isinstance(entry, ShardedTensorFactory):
+        return ShardedTensor.from_rank_offsets(
+            entry.key,
+            tensor,
+            (0, _layer_of(name), llm.num_layers),
+            replica_id=entry.replica_id,
+            prepend_axis_num=1,
+        )
+    if tuple(tensor.shape) != tuple(entry.local_shape):
+        raise ConversionError(
+            f"tensor {name} has shape {list(tensor.shape)}, the model expects "
+            f"{list(entry.local_shape)}"
+        )
+    return dataclasses.replace(entry, data=tensor, dtype=tensor.dtype)
+
+
+# ------------------------------------------------------------------------------- HF -> Megatron
+
+
+def hf_to_mcore(hf_dir: str | Path, out: str | Path) -> LLMConfig:
+    """Convert the Hugging Face folder ``hf_dir`` into the dist checkpoint folder ``out``."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    hf_config = read_json(hf_dir / HF_CONFIG_FILE)
+    llm = llm_config_from_hf(hf_config, str(hf_dir / HF_CONFIG_FILE))
+    weights = SafetensorsFolder(hf_dir)
+    rules = [rule for group in conversion_rules(llm) for rule in group]
+    _check_hf_tensors(weights.names_and_shapes(), rules, llm, hf_dir)
+
+    with atomic_folder(out) as tmp, single_process():
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+        try:
+            converted = _convert_shards(weights, rules, staging)
+            layout = checkpoint_layout(llm)
+            sharded = {name: _filled(layout[name], name, t, llm) for name, t in converted.items()}
+            sharded.update({k: v for k, v in layout.items() if k not in sharded})  # extra state
+            log.info("saving the dist checkpoint (%d tensors)", len(converted))
+            dist_checkpointing.save(sharded, str(tmp))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        write_llm_config(llm, tmp / LLM_CONFIG_FILE, str(hf_dir))
+        shutil.copy2(hf_dir / HF_CONFIG_FILE, tmp / HF_CONFIG_FILE)
+        copied = copy_tokenizer(hf_dir, tmp)
+        if not any(name.startswith("tokenizer") for name in copied):
+            log.warning("%s holds no tokenizer files; none copied", hf_dir)
+    log.info("wrote %s (%d tensors, %s)", out, len(rules), _family(llm))
+    return llm
+
+
+def _convert_shards(weights: SafetensorsFolder, rules: list[Rule], staging: Path) -> dict:
+    """Megatron tensors from the HF shards, read one shard at a time. Each shard's converted
+    tensors go to a staging file and come back memory-mapped, so memory holds about one shard
+    (plus the parts of a fused tensor whose other parts are in a later shard)."""
+    rule_of = {name: rule for rule in rules for name in rule.hf}
+    pending: dict[str, torch.Tensor] = {}
+    parts = []
+    for k, tensors in enumerate(weights.read_shards()):
+        staged = {}
+        for name, tensor in tensors.items():
+            rule = rule_of.get(name)
+            if rule is None:
+                continue  # checked to be ignorable
+            pending[name] = tensor
+            if all(source in pending for source in rule.hf):
+                staged[rule.megatron] = rule.join(*(pending.pop(s) for s in rule.hf)).contiguous()
+        del tensors
+        part = staging / f"part{k:05d}.pt"
+        torch.save(staged, part)
+        parts.append(part)
+        del staged
+    converted = {}
+    for part in parts:
+        converted.update(torch.load(part, mmap=True, weights_only=True))
+    log.info("converted %d tensors from %d shards", len(converted), len(parts))
+    return converted
+
+
+# ------------------------------------------------------------------------------- Megatron -> HF
+
+
+@dataclasses.dataclass
+class MegatronSource:
+    """What an export reads: the LLM's config, how to fetch its tensors, and what goes beside."""
+
+    path: Path
+    llm: LLMConfig
+    read: Callable[[list[str]], dict[str, torch.Tensor]]  # state-dict names -> tensors
+    hf_config: Path | None  # the source family's config.json, when known
+    tokenizer: Path | None
+
+
+class _RegionPlanner(DefaultLoadPlanner):
+    """Reads one region of each checkpoint tensor (a layer of the stacked layer tensors), so
+    an export holds a layer at a time. The state dict maps DCP keys to the region's tensor."""
+
+    def __init__(self, offsets: dict[str, tuple[int, ...]]):
+        super().__init__()
+        self.offsets = offsets
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for key, tensor in self.state_dict.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets[key]), sizes=tensor.size())
+            saved = self.metadata.state_dict_metadata[key]
+            items += create_read_items_for_chunk_list(key, saved, [chunk])
+        return LoadPlan(items)
+
+    def lookup_tensor(self, index) -> torch.Tensor:
+        return self.state_dict[index.fqn]  # the region itself, whatever its offset
+
+
+def _checkpoint_reader(path: Path, llm: LLMConfig, prefix: str):
+    """Read LLM tensors from a dist checkpoint a group at a time, in the checkpoint's dtype.
+
+    Megatron's ``torch_dist`` format is PyTorch DCP keyed by the sharded keys, layers stacked
+    on a leading axis; the layout built for ``llm`` says where each tensor lies.
+    """
+    layout = checkpoint_layout(llm, prefix)
+    reader = FileSystemReader(str(path))
+    saved = reader.read_metadata().state_dict_metadata
+
+    def region(name: str) -> tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(key, offsets, region shape, tensor shape) of state-dict entry ``name``."""
+        entry = layout[prefix + name]
+        if isinstance(entry, ShardedTensorFactory):  # SwiGLU: [gate; up] of one layer
+            part = entry.build()[0]
+            shape = tuple(entry.data.shape)
+        else:
+            part, shape = entry, tuple(entry.local_shape)
+        if part.key not in saved:
+            raise ConversionError(f"{path} has no tensor {part.key}")
+        expected, found = tuple(part.global_shape), tuple(saved[part.key].size)
+        if found != expected:
+            raise ConversionError(
+                f"{path}: tensor {part.key} has shape {list(found)}, the LLM config expects "
+                f"{list(expected)}"
+            )
+        return part.key, tuple(part.global_offset), (1,) * part.prepend_axis_num + shape, shape
+
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        regions = {name: region(name) for name in names}
+        state = {
+            key: torch.empty(size, dtype=saved[key].properties.dtype)
+            for key, _, size, _ in regions.values()
+        }
+        offsets = {key: offset for key, offset, _, _ in regions.values()}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=reader, planner=_RegionPlanner(offsets), no_dist=True)
+        return {name: state[key].view(shape) for name, (key, _, _, shape) in regions.items()}
+
+    return read
+
+
+def _state_reader(state: dict[str, torch.Tensor], where: Path):
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise ConversionError(f"{where}: the merged LLM has no tensor {missing[0]}")
+        return {n: state[n] for n in names}
+
+    return read
+
+
+def open_megatron(path: str | Path) -> MegatronSource:
+    """A folder from ``hf-to-mcore``, or a training checkpoint (a run folder, its
+    ``checkpoints/`` or one step) whose LLM is exported; LoRA adapters are merged first."""
+    path = Path(path)
+    if (path / LLM_CONFIG_FILE).is_file():
+        llm = read_llm_config(path / LLM_CONFIG_FILE)
+        hf_config = path / HF_CONFIG_FILE
+        return MegatronSource(
+            path,
+            llm,
+            _checkpoint_reader(path, llm, ""),
+            hf_config if hf_config.is_file() else None,
+            path,
+        )
+    from ..inference import loading
+    from ..training import checkpoint
+
+    found = loading.find_checkpoint(path)
+    cfg = loading.saved_config(found)
+    pretrained = cfg.checkpoint.pretrained_llm
+    hf_config = Path(pretrained) / HF_CONFIG_FILE if pretrained else None
+    tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    lora_rank = getattr(getattr(cfg, "lora", None), "rank", 0) or 0
+    if lora_rank > 0:
+        read = _merged_lora_reader(cfg, found, lora_rank)
+    elif "llm." in checkpoint.left_out(found):  # frozen: its weights are the pretrained ones
+        if not pretrained:
+            raise ConversionError(
+                f"{found} left out its frozen LLM, and its config names no "
+                "checkpoint.pretrained_llm to take it from"
+            )
+        read = _checkpoint_reader(Path(pretrained), cfg.llm, "")
+    else:
+        read = _checkpoint_reader(found, cfg.llm, "llm.")
+    return MegatronSource(
+        found,
+        cfg.llm,
+        read,
+        hf_config if hf_config is not None and hf_config.is_file() else None,
+        tokenizer if tokenizer is not None and tokenizer.exists() else None,
+    )
+
+
+def _merged_lora_reader(cfg, found: Path, rank: int):
+    """The whole speech model at TP=PP=1 with its LoRA adapters folded into the LLM."""
+    try:
+        from ..models.lora import merge_lora
+    except ImportError as err:
+        raise ConversionError(
+            f"{found} was trained with LoRA (lora.rank={rank}), but salm_megatron.models.lora "
+            f"cannot be imported to merge it ({err})"
+        ) from None
+    from ..inference import loading
+
+    model = loading.load_model(loading.generation_config(cfg, 1, []), found)
+    merge_lora(model)
+    state = {n: t.detach() for n, t in model.llm.state_dict().items() if t is not None}
+    log.info("merged the LoRA adapters (rank %d) into the LLM", rank)
+    return _state_reader(state, found)
+
+
+def mcore_to_hf(
+    checkpoint: str | Path,
+    out: str | Path,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Export the LLM of ``checkpoint`` as a Hugging Face folder ``out`` (``dtype``: cast to
+    it; None keeps the checkpoint's)."""
+    out = Path(out)
+    with atomic_folder(out) as tmp, single_process():
+        source = open_megatron(checkpoint)
+        llm = source.llm
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        groups = conversion_rules(llm)
+        saved_dtype = None
+        for i, group in enumerate(groups):
+            tensors = source.read([rule.megatron for rule in group])
+            for rule in group:
+                parts = rule.split(tensors[rule.megatron])
+                for name, shape, tensor in zip(rule.hf, rule.hf_shapes, parts, strict=True):
+                    if tuple(tensor.shape) != shape:
+                        raise ConversionError(
+                            f"{source.path}: {rule.megatron} gives {name} of shape "
+                            f"{list(tensor.shape)}, expected {list(shape)}"
+                        )
+                    saved_dtype = saved_dtype or tensor.dtype
+                    writer.add(name, tensor if dtype is None else tensor.to(dtype))
+            if (i + 1) % 8 == 0 or i + 1 == len(groups):
+                log.info("exported %d/%d tensor groups", i + 1, len(groups))
+        shards = writer.finish()
+        _write_hf_config(source, tmp / HF_CONFIG_FILE, dtype or saved_dtype)
+        if source.tokenizer is None or not copy_tokenizer(source.tokenizer, tmp):
+            log.warning("no tokenizer files found for %s; add them to %s", source.path, out)
+    log.info("wrote %s (%d safetensors shard(s))", out, shards)
+    return out
+
+
+def _write_hf_config(source: MegatronSource, path: Path, dtype: torch.dtype) -> None:
+    if source.hf_config is not None:
+        config = read_json(source.hf_config)
+        if _shape_differs(config, source):
+            raise ConversionError(
+                f"{source.hf_config} does not describe the checkpoint's LLM ({source.path})"
+            )
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = _dtype_name(dtype)
+    else:
+        config = hf_config_from_llm(source.llm, dtype)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _shape_differs(config: dict, source: MegatronSource) -> bool:
+    """Whether ``config.json`` gives another model shape than the checkpoint's llm.* fields."""
+    a, b = llm_config_from_hf(config, str(source.hf_config)), source.llm
+    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+            "num_query_groups", "vocab_size", "qkv_bias", "tie_embeddings")  # fmt: skip
+    return any(getattr(a, k) != getattr(b, k) for k in keys)
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def _parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _run(prog: str, work: Callable[[], object]) -> int:
+    try:
+        work()
+    except (ConversionError, ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def hf_to_mcore_main(argv: list[str]) -> int:
+    parser = _parser(
+        "salm convert hf-to-mcore",
+        "Hugging Face Llama 2/3.x, Mistral or Qwen2/2.5 folder -> Megatron dist checkpoint of "
+        "the LLM (for checkpoint.pretrained_llm; loads at any TP/PP), with llm.yaml, the HF "
+        "config.json and the tokenizer beside it.",
+        "example: salm convert hf-to-mcore --hf hf/Llama-3.2-1B --out ckpt/llama3.2-1b",
+    )
+    parser.add_argument("--hf", required=True, help="local Hugging Face model folder")
+    parser.add_argument("--out", required=True, help="new output folder")
+    args = parser.parse_args(argv)
+    return _run(parser.prog, lambda: hf_to_mcore(args.hf, args.out))
+
+
+def mcore_to_hf_main(argv: list[str]) -> int:
+    parser = _parser(
+        "salm convert mcore-to-hf",
+        "The LLM of a Megatron checkpoint (from hf-to-mcore, or a speech-model training "
+        "checkpoint, LoRA merged) -> Hugging Face folder for AutoModelForCausalLM.",
+        "example: salm convert mcore-to-hf --checkpoint runs/salm --out hf/salm-llm "
+        "--dtype bfloat16",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="hf-to-mcore folder, or a run folder, its checkpoints/, or one step_N folder",
+    )
+    parser.add_argument("--out", required=True, help="new output folder")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="cast weights (default: as saved)")
+    parser.add_argument(
+        "--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default 5)"
+    )
+    args = parser.parse_args(argv)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    size = int(args.max_shard_gb * 2**30)
+    return _run(parser.prog, lambda: mcore_to_hf(args.checkpoint, args.out, dtype, size))

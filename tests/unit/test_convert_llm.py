@@ -1,0 +1,171 @@
+"""Proves hf-to-mcore gives transformers' logits at TP=1, mcore-to-hf round-trips every tensor
+bitwise into a folder transformers loads, and bad input fails naming the field or tensor."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from salm_megatron.config import ParallelConfig
+from salm_megatron.convert import commands
+from salm_megatron.convert.hf_io import ConversionError
+from salm_megatron.convert.hf_llm import hf_to_mcore, llm_config_from_hf, mcore_to_hf
+from salm_megatron.llm import build_llm
+from salm_megatron.training.checkpoint import load_pretrained
+from tests.hf_llm_fixtures import CASES, SEQ, convert_cases
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    return convert_cases(tmp_path_factory.mktemp("convert"))
+
+
+def hf_tensors(folder) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
+    return tensors
+
+
+def test_logits_match_transformers_at_tp1(converted, single_rank):
+    for case, c in converted.items():
+        model = build_llm(c["llm"], ParallelConfig()).eval()
+        load_pretrained(model, c["dir"] / "mcore", "LLM")
+        ids = c["input_ids"]
+        with torch.no_grad():
+            logits = model(ids, torch.arange(SEQ).expand_as(ids), None)
+        vocab = c["llm"].vocab_size
+        torch.testing.assert_close(logits[..., :vocab], c["logits"], rtol=0, atol=1e-4, msg=case)
+        assert not logits[..., vocab:].any(), f"{case}: padded vocabulary rows are not zero"
+    assert (converted["llama3"]["dir"] / "hf" / "model.safetensors.index.json").is_file()
+    assert converted["llama3"]["llm"].padded_vocab_size == 384  # 300 padded
+
+
+def test_round_trip_is_bitwise_and_loads_in_transformers(converted, tmp_path):
+    for case, c in converted.items():
+        out = tmp_path / case
+        mcore_to_hf(c["dir"] / "mcore", out, max_shard_bytes=40_000)
+        assert (out / "model.safetensors.index.json").is_file(), "expected several shards"
+        source, back = hf_tensors(c["dir"] / "hf"), hf_tensors(out)
+        assert set(back) == set(source), f"{case}: {set(back) ^ set(source)}"
+        for name, tensor in source.items():
+            assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+        assert (out / "tokenizer_config.json").is_file()
+        model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        assert (
+            type(model).__name__
+            == json.loads((c["dir"] / "hf/config.json").read_text())["architectures"][0]
+        )
+        with torch.no_grad():
+            assert torch.equal(model(c["input_ids"]).logits, c["logits"]), case
+
+
+def test_export_without_source_config_writes_a_loadable_one(converted, tmp_path):
+    """A checkpoint without the HF config.json (as a training run's) gets a Llama/Qwen2 one."""
+    for case in ("llama3", "qwen2"):
+        c = converted[case]
+        bare = tmp_path / f"{case}-bare"
+        shutil.copytree(c["dir"] / "mcore", bare)
+        (bare / "config.json").unlink()
+        mcore_to_hf(bare, tmp_path / f"{case}-hf", dtype=torch.bfloat16)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / f"{case}-hf", dtype=torch.float32
+        ).eval()
+        assert hf_tensors(tmp_path / f"{case}-hf")["model.norm.weight"].dtype == torch.bfloat16
+        with torch.no_grad():
+            logits = model(c["input_ids"]).logits
+        # bf16 weights: close to the fp32 logits, not equal.
+        torch.testing.assert_close(logits, c["logits"], rtol=0, atol=0.05, msg=case)
+
+
+def test_cli_and_clear_errors(converted, tmp_path, capsys):
+    c = converted["llama3.2"]
+    src = c["dir"] / "hf"
+    # The registered command runs end to end.
+    assert commands.main(["hf-to-mcore", "--hf", str(src), "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "metadata.json").is_file()
+    assert (tmp_path / "cli" / "llm.yaml").is_file()
+    # An existing output folder is never overwritten.
+    assert commands.main(["hf-to-mcore", "--hf", str(src), "--out", str(tmp_path / "cli")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    config = json.loads((src / "config.json").read_text())
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    assert commands.main(["hf-to-mcore", "--hf", str(gpt2), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "salm convert hf-to-mcore: error:" in err and "GPT2LMHeadModel" in err
+    assert not (tmp_path / "x").exists()
+
+    for change, words in [
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
+        ({"rope_parameters": {**config["rope_parameters"], "low_freq_factor": 2.0}}, "fixes"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"model_type": "mistral"}, "model_type='mistral'"),
+    ]:
+        with pytest.raises(ConversionError, match=words):
+            llm_config_from_hf({**config, **change})
+    with pytest.raises(ConversionError, match="sliding_window=4096"):
+        llm_config_from_hf(
+            {**config, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+             "sliding_window": 4096}
+        )  # fmt: skip
+
+    # A tensor whose shape disagrees with config.json: named, with both shapes.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(src / "config.json", bad / "config.json")
+    tensors = hf_tensors(src)
+    tensors["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(16, 64)
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(ConversionError) as info:
+        hf_to_mcore(bad, tmp_path / "y")
+    assert "model.layers.1.self_attn.k_proj.weight has shape [16, 64], expected [32, 64]" in str(
+        info.value
+    )
+    assert not (tmp_path / "y").exists()
+    assert set(CASES) == set(converted)
+
+
+def test_export_of_a_lora_training_checkpoint(converted, tmp_path, single_rank):
+    """The LLM of a speech model's training checkpoint, LoRA adapters merged, as transformers
+    computes it; the architecture is the pretrained LLM's (Qwen2)."""
+    from salm_megatron.config import CheckpointConfig, Config, LoRAConfig
+    from salm_megatron.models import build_speech_llm
+    from salm_megatron.models.lora import adapter_parameters, merge_lora
+    from salm_megatron.training import checkpoint
+
+    c = converted["qwen2"]
+    cfg = Config(
+        llm=c["llm"],
+        lora=LoRAConfig(rank=2),
+        checkpoint=CheckpointConfig(pretrained_llm=str(c["dir"] / "mcore")),
+    )
+    (model,) = build_speech_llm(cfg)
+    checkpoint.load_pretrained(model.llm, cfg.checkpoint.pretrained_llm, "LLM")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in adapter_parameters(model):
+            p.normal_(0, 0.1)  # B starts at zero: make the adapters matter
+    run = tmp_path / "run"
+    checkpoint.save(run / "checkpoints", 5, [model], None, {"config": cfg.to_dict()}, {}, None)
+
+    mcore_to_hf(run, tmp_path / "hf")
+    merge_lora(model.llm)
+    ids = c["input_ids"]
+    with torch.no_grad():
+        expected = model.llm(ids, torch.arange(SEQ).expand_as(ids), None)[
+            ..., : c["llm"].vocab_size
+        ]
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        assert type(hf).__name__ == "Qwen2ForCausalLM"
+        logits = hf(ids).logits
+    assert (logits - c["logits"]).abs().max() > 1e-3, "the adapters changed nothing"
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
