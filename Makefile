@@ -41,8 +41,11 @@ demo: venv espeak
 	$(VENV)/bin/salm demo $(DEMO_ARGS)
 
 # The demo's test needs espeak-ng too; without it that test is skipped (with the reason).
+# NeMo-Run (recipes/ and their tests) goes on top of the installed set: resolved together with
+# NeMo's dependencies, pip backtracked into building old source distributions.
 test: venv
 	-@$(MAKE) --no-print-directory espeak
+	@$(PY) -c "import nemo_run" 2>/dev/null || $(PY) -m pip install --quiet -e ".[launch]"
 	$(PY) -m pytest tests
 
 clean:
