@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from salm_megatron.audio.masks import check_lengths, valid_mask
+from salm_megatron.audio.masks import check_features, valid_mask
 from salm_megatron.config import EncoderConfig
 
 # Masked attention scores: exp() of it underflows to 0 next to any real score (NeMo's value).
@@ -276,12 +276,7 @@ class FastConformerEncoder(nn.Module):
     def forward(
         self, features: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if features.dim() != 3 or features.size(1) != self.n_mels:
-            raise ValueError(
-                f"features must be [batch, {self.n_mels} mel bins (encoder.features.n_mels), "
-                f"frames]; got {list(features.shape)}"
-            )
-        check_lengths("lengths", lengths, features.size(0), features.size(2))
+        check_features(features, lengths, self.n_mels)
         x, lengths = self.pre_encode(features.transpose(1, 2), lengths.long())  # [b, t', d]
         x, pos_emb = self.pos_enc(x)
         valid = valid_mask(lengths, x.size(1))

@@ -77,7 +77,36 @@ def feature_lengths(cfg: FeatureConfig, lengths: torch.Tensor) -> torch.Tensor:
     return (lengths + 2 * (cfg.n_fft // 2) - cfg.n_fft) // cfg.hop_length
 
 
-class LogMelFeatures(nn.Module):
+class MelFrontEnd(nn.Module):
+    """What every log-mel front end shares: its window and mel filterbank (float32, moved to the
+    audio's device on first use) and the checks on its input."""
+
+    def __init__(self, cfg: FeatureConfig, periodic_window: bool):
+        super().__init__()
+        self.cfg = cfg
+        # Plain attributes, not buffers: ``model.to(torch.bfloat16)`` must not round them.
+        self._window = torch.hann_window(
+            cfg.win_length, periodic=periodic_window, dtype=torch.float32
+        )
+        self._filterbank = slaney_mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return feature_lengths(self.cfg, lengths)
+
+    def _check_input(self, audio: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Mono ``[batch, samples]`` audio, valid lengths; window and filterbank on its device."""
+        if audio.dim() != 2:
+            raise ValueError(
+                f"audio must be mono [batch, samples]; got shape {list(audio.shape)} "
+                "(mix channels down and resample before the features)"
+            )
+        check_lengths("audio_lengths", lengths, audio.size(0), audio.size(1))
+        if self._window.device != audio.device:  # moved once, on first use
+            self._window = self._window.to(audio.device)
+            self._filterbank = self._filterbank.to(audio.device)
+
+
+class LogMelFeatures(MelFrontEnd):
     """``(audio [b, n_samples], lengths [b]) -> (features [b, n_mels, t], frames [b])``.
 
     Mono audio at ``cfg.sample_rate`` (the module cannot tell another rate; resample first).
@@ -86,28 +115,13 @@ class LogMelFeatures(nn.Module):
     """
 
     def __init__(self, cfg: FeatureConfig):
-        super().__init__()
-        self.cfg = cfg
-        # Plain attributes, not buffers: ``model.to(torch.bfloat16)`` must not round them.
-        self._window = torch.hann_window(cfg.win_length, periodic=False, dtype=torch.float32)
-        self._filterbank = slaney_mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels)
-
-    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        return feature_lengths(self.cfg, lengths)
+        super().__init__(cfg, periodic_window=False)
 
     def forward(
         self, audio: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if audio.dim() != 2:
-            raise ValueError(
-                f"audio must be mono [batch, samples]; got shape {list(audio.shape)} "
-                "(mix channels down and resample before the features)"
-            )
-        check_lengths("audio_lengths", lengths, audio.size(0), audio.size(1))
+        self._check_input(audio, lengths)
         cfg = self.cfg
-        if self._window.device != audio.device:  # moved once, on first use
-            self._window = self._window.to(audio.device)
-            self._filterbank = self._filterbank.to(audio.device)
         with torch.autocast(audio.device.type, enabled=False):
             x = audio.float()  # [b, n]
             if self.training and cfg.dither > 0:

@@ -24,3 +24,13 @@ def check_lengths(name: str, lengths: torch.Tensor, batch: int, size: int) -> No
 
 def ceil_div(lengths: torch.Tensor, k: int) -> torch.Tensor:
     return (lengths + k - 1) // k
+
+
+def check_features(features: torch.Tensor, lengths: torch.Tensor, n_mels: int) -> None:
+    """An encoder's input: ``features [batch, n_mels, frames]`` with valid ``lengths [batch]``."""
+    if features.dim() != 3 or features.size(1) != n_mels:
+        raise ValueError(
+            f"features must be [batch, {n_mels} mel bins (encoder.features.n_mels), "
+            f"frames]; got {list(features.shape)}"
+        )
+    check_lengths("lengths", lengths, features.size(0), features.size(2))

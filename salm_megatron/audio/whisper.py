@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from salm_megatron.audio.fastconformer import conv_output_lengths
-from salm_megatron.audio.features import feature_lengths, slaney_mel_filterbank
-from salm_megatron.audio.masks import check_lengths, valid_mask
+from salm_megatron.audio.features import MelFrontEnd, feature_lengths
+from salm_megatron.audio.masks import check_features, valid_mask
 from salm_megatron.config import EncoderConfig, FeatureConfig
 
 # Whisper's log-mel scaling: power floor before log10, dynamic range kept below the maximum, and
@@ -32,7 +32,7 @@ _OFFSET, _SCALE = 4.0, 4.0
 _MASKED_SCORE = -10000.0
 
 
-class WhisperLogMel(nn.Module):
+class WhisperLogMel(MelFrontEnd):
     """``(audio [b, n_samples], lengths [b]) -> (features [b, n_mels, t], frames [b])``.
 
     Whisper's recipe: centred STFT with a periodic Hann window, power spectrum, Slaney mel
@@ -45,28 +45,13 @@ class WhisperLogMel(nn.Module):
     """
 
     def __init__(self, cfg: FeatureConfig):
-        super().__init__()
-        self.cfg = cfg
-        # Plain attributes, not buffers: ``model.to(torch.bfloat16)`` must not round them.
-        self._window = torch.hann_window(cfg.win_length, periodic=True, dtype=torch.float32)
-        self._filterbank = slaney_mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels)
-
-    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        return feature_lengths(self.cfg, lengths)
+        super().__init__(cfg, periodic_window=True)
 
     def forward(
         self, audio: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if audio.dim() != 2:
-            raise ValueError(
-                f"audio must be mono [batch, samples]; got shape {list(audio.shape)} "
-                "(mix channels down and resample before the features)"
-            )
-        check_lengths("audio_lengths", lengths, audio.size(0), audio.size(1))
+        self._check_input(audio, lengths)
         cfg = self.cfg
-        if self._window.device != audio.device:  # moved once, on first use
-            self._window = self._window.to(audio.device)
-            self._filterbank = self._filterbank.to(audio.device)
         half = cfg.n_fft // 2
         with torch.autocast(audio.device.type, enabled=False):
             x = audio.float()
@@ -184,12 +169,7 @@ class WhisperEncoder(nn.Module):
     def forward(
         self, features: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if features.dim() != 3 or features.size(1) != self.n_mels:
-            raise ValueError(
-                f"features must be [batch, {self.n_mels} mel bins (encoder.features.n_mels), "
-                f"frames]; got {list(features.shape)}"
-            )
-        check_lengths("lengths", lengths, features.size(0), features.size(2))
+        check_features(features, lengths, self.n_mels)
         lengths = lengths.long()
         out_lengths = self.output_lengths(lengths)
         limit = self.cfg.max_source_positions

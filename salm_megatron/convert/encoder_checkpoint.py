@@ -9,10 +9,13 @@ when complete.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,7 +23,7 @@ import yaml
 
 from salm_megatron import parallel
 from salm_megatron.audio import build_encoder
-from salm_megatron.config import EncoderConfig
+from salm_megatron.config import ConfigError, EncoderConfig
 from salm_megatron.training import checkpoint
 
 log = logging.getLogger("salm.convert")
@@ -78,3 +81,25 @@ def write_encoder(
     count = sum(p.numel() for p in encoder.parameters())
     log.info("wrote the %s encoder (%d parameters) to %s", cfg.type, count, out)
     return encoder
+
+
+def run_cli(
+    argv, prog: str, description: str, source: tuple[str, str], convert: Callable, epilog: str
+) -> int:
+    """The command line of an encoder conversion: ``source`` (flag, help) and ``--out`` into
+    ``convert(source, out)``; bad input is one ``prog: error:`` line and exit status 2."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(source[0], required=True, dest="source", help=source[1])
+    parser.add_argument("--out", required=True, help="a new folder for the converted encoder")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.source, args.out)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -10,7 +10,6 @@ naming the field); the ``encoder.*`` weights are kept (NeMo's names are ours), t
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import re
@@ -27,7 +26,7 @@ import yaml
 
 from salm_megatron.audio import nemo_state_dict_to_ours
 from salm_megatron.config import ConfigError, EncoderConfig, encoder_from_dict
-from salm_megatron.convert.encoder_checkpoint import write_encoder
+from salm_megatron.convert.encoder_checkpoint import run_cli, write_encoder
 
 log = logging.getLogger("salm.convert")
 
@@ -270,22 +269,14 @@ OUT/encoder.yaml (the encoder: section to put in the run config: sizes and front
 
 
 def main(argv: list[str] | None = None) -> int:
-    prog = "salm convert nemo-encoder"
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="The FastConformer encoder of a NeMo ASR model (.nemo), as ours.",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return run_cli(
+        argv,
+        "salm convert nemo-encoder",
+        "The FastConformer encoder of a NeMo ASR model (.nemo), as ours.",
+        ("--nemo", "a .nemo archive (Canary, Parakeet, ...)"),
+        convert,
+        EXAMPLE,
     )
-    parser.add_argument("--nemo", required=True, help="a .nemo archive (Canary, Parakeet, ...)")
-    parser.add_argument("--out", required=True, help="a new folder for the converted encoder")
-    args = parser.parse_args(argv)
-    try:
-        convert(args.nemo, args.out)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

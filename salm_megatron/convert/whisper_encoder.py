@@ -9,7 +9,6 @@ sharded safetensors with ``model.safetensors.index.json``, or ``pytorch_model.bi
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -21,7 +20,7 @@ from safetensors import safe_open
 
 from salm_megatron.audio.whisper import hf_state_dict_to_ours
 from salm_megatron.config import ConfigError, EncoderConfig, encoder_from_dict
-from salm_megatron.convert.encoder_checkpoint import write_encoder
+from salm_megatron.convert.encoder_checkpoint import run_cli, write_encoder
 
 log = logging.getLogger("salm.convert")
 
@@ -166,22 +165,14 @@ OUT/encoder.yaml (the encoder: section to put in the run config: type whisper, s
 
 
 def main(argv: list[str] | None = None) -> int:
-    prog = "salm convert hf-whisper-encoder"
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="The encoder of a local Hugging Face Whisper model folder, as ours.",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return run_cli(
+        argv,
+        "salm convert hf-whisper-encoder",
+        "The encoder of a local Hugging Face Whisper model folder, as ours.",
+        ("--hf", "a Whisper folder: config.json + weights"),
+        convert,
+        EXAMPLE,
     )
-    parser.add_argument("--hf", required=True, help="a Whisper folder: config.json + weights")
-    parser.add_argument("--out", required=True, help="a new folder for the converted encoder")
-    args = parser.parse_args(argv)
-    try:
-        convert(args.hf, args.out)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":
