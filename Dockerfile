@@ -16,12 +16,12 @@ COPY slurm ./slurm
 COPY tools ./tools
 
 # torch, Transformer Engine and apex come with the base image: pip must not replace them, so the
-# package goes in without dependencies and the rest are listed here (from pyproject.toml).
+# package goes in without dependencies, then its dependencies and the launch extra as
+# pyproject.toml declares them.
 RUN pip install --no-deps -e . \
- && pip install "megatron-core>=0.16,<0.17" "webdataset>=1.0,<2" "braceexpand>=0.1.7" \
-      "sentencepiece>=0.2,<0.3" "tensorboard>=2.16,<3" "soundfile>=0.12,<1" "psutil>=5.9" \
-      "pyyaml>=6,<7" "scipy>=1.11,<2" "tokenizers>=0.19,<1" "jiwer>=3.0,<5" \
-      "sacrebleu>=2.4,<3" "matplotlib>=3.7,<4" "nemo-run==0.11.1" "leptonai<0.47" \
+ && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['launch']))" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt \
  && useradd --create-home --uid 1000 salm \
  && chown -R salm:salm /opt/salm-megatron
 

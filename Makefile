@@ -6,13 +6,13 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 # Extra pip arguments for the torch install, e.g. --index-url of a CPU-only wheel index.
 TORCH_PIP_ARGS ?=
-# Extras installed with the project; EXTRAS=test,reference adds NeMo for the reference tests.
+# Extras installed with the project (`make test-reference` adds NeMo on top).
 EXTRAS ?= test
 # `make demo BESTOW=1` trains BESTOW instead of SALM.
 DEMO_ARGS := $(if $(BESTOW),--arch bestow)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test venv espeak clean
+.PHONY: demo test test-reference venv espeak clean
 
 # The virtual environment, torch first (the CPU wheel where no torch is importable: an unpinned
 # torch would pull several GB of CUDA wheels), then the project with its test extra.
@@ -47,6 +47,12 @@ test: venv
 	-@$(MAKE) --no-print-directory espeak
 	@$(PY) -c "import nemo_run" 2>/dev/null || $(PY) -m pip install --quiet -e ".[launch]"
 	$(PY) -m pytest tests
+
+# The tests that compare with NeMo's own modules (marked `reference`), with NeMo on top of the
+# test set in the same environment.
+test-reference: venv
+	@$(PY) -c "import nemo.collections.asr" 2>/dev/null || $(PY) -m pip install --quiet -e ".[reference]"
+	$(PY) -m pytest -m reference tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

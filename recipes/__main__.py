@@ -10,7 +10,7 @@ import yaml
 
 from salm_megatron.config import apply_overrides
 
-from . import configs, executors, factories
+from . import configs
 
 PROG = "python -m recipes"
 EXAMPLE = """examples:
@@ -33,6 +33,21 @@ out, tensor_parallel, limit, args). Values are YAML scalars or lists.
 
 class UsageError(ValueError):
     pass
+
+
+INSTALL_LAUNCH = "pip install -e '.[launch]' in this repository (or `make test`, which does)"
+
+
+def _nemo_run():
+    """The modules that need NeMo-Run (``--list`` and ``--help`` need neither)."""
+    try:
+        from . import executors, factories
+    except ModuleNotFoundError as err:
+        if err.name != "nemo_run":
+            raise
+        raise UsageError(f"launching a recipe needs NeMo-Run, which is not installed: "
+                         f"{INSTALL_LAUNCH}") from None  # fmt: skip
+    return executors, factories
 
 
 def _parse(items: list[str]) -> tuple[dict, list[str]]:
@@ -58,6 +73,7 @@ def _check_arguments(what: str, function, arguments: dict) -> None:
 
 def build(factory: str, executor_name: str, items: list[str]):
     """The task (``run.Partial`` or ``run.Script``) and executor the command line describes."""
+    executors, factories = _nemo_run()
     if executor_name not in executors.EXECUTORS:
         raise UsageError(f"--executor {executor_name!r} is not one of local, slurm")
     make_executor = executors.EXECUTORS[executor_name]

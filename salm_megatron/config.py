@@ -688,9 +688,20 @@ class DataConfig:
     num_workers: int = 2  # loader processes per data-reading rank
     min_duration: Optional[float] = None  # seconds; shorter audio is skipped and counted
     max_duration: Optional[float] = 40.0
+    # The task of a sample whose JSON has neither task nor context: a bare transcript is ASR
+    # (NeMo's manifest convention). null: such samples need default_context, else are skipped.
+    default_task: Optional[str] = "asr"
+    # The instruction of a sample without a context (null: its task's default instruction).
+    default_context: Optional[str] = None
 
     def __post_init__(self):
         _choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)
+        for name in ("default_task", "default_context"):
+            value = getattr(self, name)
+            _require(
+                value is None or (isinstance(value, str) and value.strip()),
+                f"data.{name}={value!r} must be a non-empty string or null",
+            )
         for name in ("micro_batch_size", "bucket_window"):
             _positive(f"data.{name}", getattr(self, name))
         _optional_positive("data.max_tokens", self.max_tokens)

@@ -60,11 +60,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(config: Config) -> int:
+    """Train, and turn the errors a user can fix into one line and an exit status. Every rank
+    finds a config error alike, so rank 0 alone reports it; other stops may be one rank's own."""
+    from .data.loader import NoSamplesError
     from .training import Preempted, TrainingError, train
 
     try:
         train(config)
     except ConfigError as err:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"salm train: error: {err}", file=sys.stderr)
+        return 2
+    except NoSamplesError as err:
         print(f"salm train: error: {err}", file=sys.stderr)
         return 2
     except TrainingError as err:

@@ -3,7 +3,9 @@ resumable exactly.
 
 A shard is a webdataset tar: each sample is ``<key>.flac`` (or ``.wav``, ``.ogg``, ``.mp3``) plus
 ``<key>.json`` with ``answer`` (or ``text``), optional ``context``, ``task``, ``lang``,
-``duration`` and any extra fields (kept in ``extra``).
+``duration`` and any extra fields (kept in ``extra``). A sample with neither ``task`` nor
+``context`` is a bare transcript, ASR by NeMo's manifest convention (``default_task``); a sample
+without a context is prompted with ``default_context``, else its task's default instruction.
 
 Pipeline of one consumer (one DataLoader worker of one DP rank), per epoch:
 
@@ -18,6 +20,8 @@ Pipeline of one consumer (one DataLoader worker of one DP rank), per epoch:
    ``(seed, epoch, dp_rank, worker)``;
 4. decode, parse and filter; bad samples are skipped and counted by reason (:data:`SKIP_REASONS`,
    ``stats``; a warning names the shard and key for the first ``max_warnings``), never raised.
+   An epoch in which every record is skipped raises :class:`NoSamplesError` (``repeat=True``
+   would otherwise never yield); it names the skip reasons and the first skipped sample.
    ``duration`` is measured on the decoded audio (a manifest's ``duration`` is not trusted).
 
 Steps 1-3 depend only on the seed, the epoch and the tar contents, so the *i*-th raw record after
@@ -55,6 +59,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .audio_io import AudioError, decode
+from .prompts import instruction
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +72,20 @@ SKIP_REASONS = (
     "empty_audio",  # a zero-byte audio member
     "bad_audio",  # undecodable, truncated or without samples (AudioError)
     "no_json",  # no .json member for the key
-    "bad_json",  # not a JSON object, or answer/context not a string
+    "bad_json",  # not a JSON object, or answer/context/task/lang not a string
     "no_answer",  # JSON without answer or text
     "empty_answer",  # answer is blank (when drop_empty_answer)
+    "no_instruction",  # no context, no default_context, and no default instruction for its task
     "too_short",  # decoded duration < min_duration
     "too_long",  # decoded duration > max_duration
 )
 STATE_VERSION = 1
+
+
+class NoSamplesError(ValueError):
+    """An epoch of a data-parallel rank's share of the shards yielded no sample: every record
+    was skipped. In a DataLoader worker it travels as the stream's last item (DataLoader would
+    wrap a raised one in its traceback); :class:`LoadedStream` raises it."""
 
 
 def expand_shards(shards: str | Sequence[str]) -> list[str]:
@@ -100,6 +112,11 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
     if not paths:
         raise ValueError(f"no shards given ({shards!r})")
     return paths
+
+
+def _is_text(value: Any, field: str) -> bool:
+    """A JSON text field: a string; the optional ones may also be absent (null)."""
+    return isinstance(value, str) or (value is None and field != "answer")
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -184,6 +201,8 @@ class SampleStream(IterableDataset):
     "duration", "extra", "position"}`` from webdataset shards (see the module docstring).
 
     ``audio`` is a 1-D float32 tensor at ``sample_rate`` (mono); ``duration`` is measured on it.
+    ``context`` is the instruction the prompt carries (the sample's own, ``default_context``, or
+    the task's default); ``task`` is the sample's own, or ``default_task`` for a bare transcript.
     ``repeat=False`` iterates one epoch (call :meth:`set_epoch` between epochs); ``repeat=True``
     runs epochs ``epoch, epoch + 1, ...`` forever, each worker advancing on its own.
     """
@@ -202,6 +221,8 @@ class SampleStream(IterableDataset):
         min_duration: Optional[float] = None,
         max_duration: Optional[float] = None,
         drop_empty_answer: bool = True,
+        default_task: Optional[str] = "asr",
+        default_context: Optional[str] = None,
         repeat: bool = False,
         max_warnings: int = 5,
     ):
@@ -221,10 +242,12 @@ class SampleStream(IterableDataset):
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.min_duration, self.max_duration = min_duration, max_duration
         self.drop_empty_answer = drop_empty_answer
+        self.default_task, self.default_context = default_task, default_context
         self.repeat = repeat
         self.max_warnings = max_warnings
         self.tracker = LoaderState()
         self._warned = 0
+        self._first_skip: Optional[str] = None
 
     # ------------------------------------------------------------------------------------ state
 
@@ -285,10 +308,26 @@ class SampleStream(IterableDataset):
     # -------------------------------------------------------------------------------- iteration
 
     def _warn(self, reason: str, shard: str, key: Optional[str], detail: str) -> None:
+        where = f"{shard}: {key}" if key is not None else shard
+        self._first_skip = self._first_skip or f"{where} ({reason}): {detail}"
         if self._warned < self.max_warnings:
             self._warned += 1
-            where = f"{shard}: {key}" if key is not None else shard
             logger.warning("skipping %s (%s): %s", where, reason, detail)
+
+    def _no_samples(
+        self, epoch: int, worker: int, consumers: int, skipped: dict[str, int]
+    ) -> NoSamplesError:
+        reader = f"DP rank {self.dp_rank} worker {worker}"
+        shards = f"{len(self.shards)} shard{'s' * (len(self.shards) != 1)}"
+        share = f"its share of {shards} for {consumers} reader{'s' * (consumers != 1)}"
+        share += f", epoch {epoch}"
+        counts = ", ".join(f"{reason} {n}" for reason, n in skipped.items() if n)
+        if not counts:
+            return NoSamplesError(f"no sample to train on: {reader} found none in {share}")
+        first = f"; the first: {self._first_skip}" if self._first_skip else ""
+        return NoSamplesError(
+            f"no sample to train on: {reader} skipped every sample of {share} ({counts}){first}"
+        )
 
     def _shard_order(self, epoch: int) -> list[str]:
         order = list(self.shards)
@@ -354,11 +393,20 @@ class SampleStream(IterableDataset):
         answer = meta.get("answer", meta.get("text"))
         if answer is None:
             return "no_answer", f"JSON has no answer or text (fields {sorted(meta)})"
-        context = meta.get("context", "")
-        if not isinstance(answer, str) or not isinstance(context, str):
-            return "bad_json", f"answer={answer!r} / context={context!r} must be strings"
+        texts = {name: meta.get(name) for name in ("context", "task", "lang")}
+        wrong = {n: v for n, v in {"answer": answer, **texts}.items() if not _is_text(v, n)}
+        if wrong:
+            shown = ", ".join(f"{n}={v!r}" for n, v in wrong.items())
+            return "bad_json", f"{shown}: must be {'a string' if len(wrong) == 1 else 'strings'}"
         if self.drop_empty_answer and not answer.strip():
             return "empty_answer", "answer is blank"
+        context, task, lang = texts["context"], texts["task"], texts["lang"]
+        if task is None and not context:
+            task = self.default_task  # a bare transcript
+        try:
+            context = instruction(task, context or self.default_context, lang)
+        except ValueError as err:
+            return "no_instruction", f"{err}; set data.default_context or data.default_task"
         data = members[audio_ext]
         if not data:
             return "empty_audio", f"{key}.{audio_ext} is empty"
@@ -378,8 +426,8 @@ class SampleStream(IterableDataset):
             "sample_rate": self.sample_rate,
             "answer": answer,
             "context": context,
-            "task": meta.get("task"),
-            "lang": meta.get("lang"),
+            "task": task,
+            "lang": lang,
             "duration": duration,
             "extra": {k: v for k, v in meta.items() if k not in KNOWN_FIELDS},
         }
@@ -429,14 +477,14 @@ class SampleStream(IterableDataset):
             self.tracker.workers.setdefault(
                 worker, {"epoch": epoch, "consumed": skip, "skipped": {}}
             )["skipped"] = dict(skipped)
+            if self.repeat and yielded == 0 and skip == 0:
+                error = self._no_samples(epoch, worker, consumers, skipped)
+                if info is None:
+                    raise error
+                yield error  # raised by LoadedStream in the main process
+                return
             if not self.repeat:
                 return
-            if yielded == 0 and skip == 0:
-                raise RuntimeError(
-                    f"epoch {epoch} gave DP rank {self.dp_rank} worker {worker} no sample "
-                    f"({len(self.shards)} shards for {consumers} consumers; skipped: "
-                    f"{ {k: v for k, v in skipped.items() if v} }); repeating would never yield"
-                )
             epoch, skip = epoch + 1, 0
 
 
@@ -466,6 +514,8 @@ class LoadedStream:
             generator=torch.Generator(),
         )
         for sample in loader:
+            if isinstance(sample, NoSamplesError):
+                raise sample
             yield self.stream.observe(sample)
 
     def state_dict(self) -> dict:

@@ -34,9 +34,10 @@ def instruction(task: Optional[str], context: Optional[str], lang: Optional[str]
         return context
     template = DEFAULT_INSTRUCTIONS.get(task or "")
     if template is None:
+        what = "no task" if task is None else f"task {task!r}, which has no default instruction"
         raise ValueError(
-            f"the sample has no context and task {task!r} has no default instruction "
-            f"(tasks with one: {', '.join(DEFAULT_INSTRUCTIONS)})"
+            f"the sample has no context and {what} (tasks with one: "
+            f"{', '.join(DEFAULT_INSTRUCTIONS)})"
         )
     if "{lang}" in template and not lang:
         raise ValueError(f"task {task!r} needs the sample's lang for its default instruction")

@@ -144,7 +144,8 @@ def _evaluate(args) -> int:
     dp_size = parallel_state.get_data_parallel_world_size()
     stream = SampleStream(
         shards, sample_rate=cfg.encoder.features.sample_rate, dp_rank=dp_rank, dp_size=dp_size,
-        seed=0, shuffle=False, shuffle_buffer=0,
+        seed=0, shuffle=False, shuffle_buffer=0, default_task=cfg.data.default_task,
+        default_context=cfg.data.default_context,
     )  # fmt: skip
     total = _count_samples(shards)
     rank0 = torch.distributed.get_rank() == 0
@@ -187,18 +188,21 @@ def _evaluate(args) -> int:
     if not rank0:
         return 0
     rows = sorted((r for part in gathered for r in part), key=lambda r: r["key"])
+    skipped_total: dict[str, int] = {}
+    for part in skipped:
+        for reason, count in part.items():
+            skipped_total[reason] = skipped_total.get(reason, 0) + count
     if not rows:
-        raise ValueError(f"no sample could be decoded from {len(shards)} shard(s)")
+        counts = ", ".join(f"{reason} {n}" for reason, n in skipped_total.items() if n)
+        raise ValueError(
+            f"no sample could be decoded from {len(shards)} shard(s) (skipped: {counts or 'none'})"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     metrics = task_metrics(rows)
-    skipped_total: dict[str, int] = {}
-    for part in skipped:
-        for reason, count in part.items():
-            skipped_total[reason] = skipped_total.get(reason, 0) + count
     summary = {
         "checkpoint": str(path),
         "data": args.data,

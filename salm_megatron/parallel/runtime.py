@@ -90,6 +90,14 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def max_over_ranks(value: int, group=None) -> int:
+    """The largest ``value`` of the ranks of ``group`` (default: all), so that they agree."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL needs CUDA tensors
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return int(tensor.item())
+
+
 def is_initialized() -> bool:
     from megatron.core import parallel_state
 

@@ -200,7 +200,8 @@ def load_pretrained_parts(cfg, chunks, prefixes=None, needed_by: Path | None = N
     loads first, so named parts replace its."""
     whole = cfg.checkpoint.pretrained_model
     if prefixes is None and whole is not None:
-        if (Path(whole) / "metadata.json").is_file() and left_out(Path(whole)):
+        check_dist_checkpoint(whole, "checkpoint.pretrained_model")
+        if left_out(Path(whole)):
             raise ConfigError(
                 f"checkpoint.pretrained_model={whole} left out its frozen parts "
                 f"{left_out(Path(whole))}: start from a checkpoint that holds the whole model "
@@ -220,11 +221,12 @@ def load_pretrained_parts(cfg, chunks, prefixes=None, needed_by: Path | None = N
                 f"(model.{part.freeze}) and came from checkpoint.{part.source}; set "
                 f"checkpoint.{part.source} to that checkpoint"
             )
+        check_dist_checkpoint(path, f"checkpoint.{part.source}")
         for module in _part_modules(part, chunks):
             load_pretrained(module, path, part.what)
 
 
-def _model_state(chunk, prefixes) -> tuple[dict, set[str]]:
+def model_state(chunk, prefixes) -> tuple[dict, set[str]]:
     """The chunk's sharded state without the frozen parameters under ``prefixes``; and the
     state-dict keys left out."""
     sharded = chunk.sharded_state_dict()
@@ -250,7 +252,7 @@ def _model_state(chunk, prefixes) -> tuple[dict, set[str]]:
 def _sharded(chunks, optimizer, common: dict, loading: bool, left: list[str]) -> tuple[dict, list]:
     state, dropped = {}, []
     for i, chunk in enumerate(chunks):
-        state[f"model{i}"], keys = _model_state(chunk, left)
+        state[f"model{i}"], keys = model_state(chunk, left)
         dropped.append(keys)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -428,6 +430,13 @@ def _module_sharded(module: torch.nn.Module | None) -> dict:
     # TP rank the main replica's id, and a load at TP>1 fails its sharding validation.
     group = parallel_state.get_tensor_model_parallel_group()
     return sharded_state_dict_default(module, prefix="", tp_group=group)
+
+
+def check_dist_checkpoint(path: str | Path, field: str) -> None:
+    """A ConfigError naming ``field`` unless ``path`` is a Megatron dist checkpoint."""
+    if not (Path(path) / "metadata.json").is_file():
+        where = "no metadata.json" if Path(path).is_dir() else "no such folder"
+        raise ConfigError(f"{field}={path} is not a Megatron dist checkpoint ({where})")
 
 
 def load_pretrained(module: torch.nn.Module | None, path: str | Path, what: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
 from megatron.core import parallel_state
 
 from ..config import Config, ConfigError
@@ -20,6 +19,7 @@ from ..data.batching import BucketBatcher, GlobalBatches, llm_sequence_length, t
 from ..data.loader import LoadedStream, SampleStream
 from ..data.samples import Mapped, make_sample
 from ..data.tokenizers import Tokenizer
+from ..parallel import max_over_ranks
 
 
 def check_tokenizer(cfg: Config, tokenizer: Tokenizer) -> None:
@@ -88,6 +88,8 @@ class StepBatches:
                 shuffle_buffer=data.shuffle_buffer if train else 0,
                 min_duration=data.min_duration,
                 max_duration=data.max_duration,
+                default_task=data.default_task,
+                default_context=data.default_context,
                 repeat=True,
             )
             samples = Mapped(
@@ -133,13 +135,9 @@ class StepBatches:
                 audio_seconds=sum(len(w) for s in samples for w in s.audio) / self.sample_rate,
             )
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            length = torch.tensor([step.sequence_length], dtype=torch.long, device=_device())
-            torch.distributed.all_reduce(
-                length,
-                op=torch.distributed.ReduceOp.MAX,
-                group=parallel_state.get_pipeline_model_parallel_group(),
+            step.sequence_length = max_over_ranks(
+                step.sequence_length, parallel_state.get_pipeline_model_parallel_group()
             )
-            step.sequence_length = int(length.item())
         return step
 
     def __iter__(self):
@@ -155,11 +153,3 @@ class StepBatches:
             raise ValueError("the checkpoint has no data state for this data-reading rank")
         self.groups.load_state_dict(state)
         self._iterator = None
-
-
-def _device() -> torch.device:
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else (torch.device("cpu"))
-    )

@@ -29,12 +29,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from .. import parallel
 from ..config import Config, ConfigError
 from ..data import load_tokenizer
-from ..data.loader import SampleStream
+from ..data.loader import SKIP_REASONS, SampleStream, expand_shards
 from ..data.samples import prompt_sample
 from ..inference.generation import Generator
 from ..inference.metrics import task_metrics
 from ..models import build_speech_llm
 from . import checkpoint
+from .compatible import check_same_model
 from .data import StepBatches, check_tokenizer
 from .optimizer import (
     average_batchnorm_statistics,
@@ -75,10 +76,7 @@ class StopSignals:
 
     def agreed(self) -> int:
         """The signal some rank received (0: none), the same number on every rank."""
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        flag = torch.tensor([self.received], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item())
+        return parallel.max_over_ranks(self.received)
 
     def restore(self) -> None:
         for number, handler in self._previous.items():
@@ -86,12 +84,28 @@ class StopSignals:
 
 
 def check_training_config(cfg: Config) -> None:
-    """What ``salm config`` cannot know is needed: the fields only training reads."""
+    """What ``salm config`` cannot know is needed: the fields only training reads, and the files
+    they name (checked before any process group or model is made)."""
     for name in ("train_shards", "tokenizer"):
         if getattr(cfg.data, name) is None:
             raise ConfigError(f"data.{name} is required for training")
     if cfg.train.eval_interval is not None and cfg.data.valid_shards is None:
         raise ConfigError(f"train.eval_interval={cfg.train.eval_interval} needs data.valid_shards")
+    for name in ("train_shards", "valid_shards"):
+        if getattr(cfg.data, name) is not None:
+            try:
+                expand_shards(getattr(cfg.data, name))
+            except (FileNotFoundError, ValueError) as err:
+                raise ConfigError(f"data.{name}: {err}") from None
+    if not Path(cfg.data.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} does not exist")
+    resuming = cfg.checkpoint.resume and checkpoint.complete_checkpoints(
+        Path(cfg.train.output_dir) / "checkpoints"
+    )
+    for name in () if resuming else ("pretrained_llm", "pretrained_encoder", "pretrained_model"):
+        path = getattr(cfg.checkpoint, name)
+        if path is not None:
+            checkpoint.check_dist_checkpoint(path, f"checkpoint.{name}")
     layout = cfg.parallel
     if cfg.train.eval_wer_samples and (
         layout.pipeline_model_parallel_size > 1 or layout.sequence_parallel
@@ -141,7 +155,10 @@ class Trainer:
         self.output_dir = Path(cfg.train.output_dir)
         self.checkpoints = self.output_dir / "checkpoints"
         self.rank0 = torch.distributed.get_rank() == 0
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        try:
+            self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        except ValueError as err:  # not a tokenizer: the message names the file
+            raise ConfigError(f"data.tokenizer: {err}") from None
         check_tokenizer(cfg, self.tokenizer)
         self.dtype = params_dtype(cfg)
 
@@ -156,6 +173,7 @@ class Trainer:
         if resume_from is None:
             checkpoint.load_pretrained_parts(cfg, self.chunks)
         else:  # the frozen parts it left out (a LoRA run's LLM) come from pretrained ones
+            check_same_model(resume_from, self.chunks, cfg)
             left_out = checkpoint.left_out(resume_from)
             checkpoint.load_pretrained_parts(cfg, self.chunks, left_out, needed_by=resume_from)
         self.model = wrap_ddp(cfg, self.chunks)
@@ -255,11 +273,12 @@ class Trainer:
         )
         return losses, step
 
-    def _totals(self, losses: list[dict], step, skipped_samples: int = 0) -> list[float]:
+    def _totals(self, losses: list[dict], step, skipped: dict[str, int] | None = None) -> list:
         """Sums over the whole job of [loss, answer tokens, hits, samples, LLM tokens, audio
-        seconds, skipped samples, CTC loss]: each rank adds only what it owns (one TP rank of
-        the last stage the losses, of the first stage the data counts and the CTC loss)."""
-        values = torch.zeros(8, dtype=torch.float64)
+        seconds, CTC loss, samples skipped by reason (a dict)]: each rank adds only what it owns
+        (one TP rank of the last stage the losses, of the first stage the data counts and the
+        CTC loss)."""
+        values = torch.zeros(7 + len(SKIP_REASONS), dtype=torch.float64)
         first_tp = parallel_state.get_tensor_model_parallel_rank() == 0
         if first_tp and parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             for item in losses:
@@ -267,15 +286,18 @@ class Trainer:
                 values[1] += float(item["tokens"])
                 values[2] += float(item.get("hits", 0.0))
         if first_tp and parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+            skipped = skipped or {}
             values[3:] = torch.tensor(
-                [step.samples, step.llm_tokens, step.audio_seconds, skipped_samples,
-                 self.chunks[0].ctc_loss_sum],
+                [step.samples, step.llm_tokens, step.audio_seconds, self.chunks[0].ctc_loss_sum,
+                 *(skipped.get(reason, 0) for reason in SKIP_REASONS)],
                 dtype=torch.float64,
             )  # fmt: skip
         device = "cuda" if torch.cuda.is_available() else "cpu"
         values = values.to(device)
         torch.distributed.all_reduce(values)
-        return values.tolist()
+        values = values.tolist()
+        by_reason = {r: int(n) for r, n in zip(SKIP_REASONS, values[7:], strict=True) if n}
+        return [*values[:7], by_reason]
 
     def train_step(self) -> dict:
         start = time.time()
@@ -288,9 +310,8 @@ class Trainer:
         if applied:
             self.scheduler.step(increment=1)
         self.step += 1
-        skipped_samples = sum(self.data.skipped.values())
-        loss, tokens, _, samples, llm_tokens, audio_s, skipped, ctc = self._totals(
-            losses, step, skipped_samples
+        loss, tokens, _, samples, llm_tokens, audio_s, ctc, skipped = self._totals(
+            losses, step, self.data.skipped
         )
         self.samples += int(samples)
         if not applied:
@@ -309,7 +330,8 @@ class Trainer:
             "step_time": elapsed,
             "peak_memory_gb": peak_memory_gb(),
             "samples": self.samples,
-            "skipped_samples": int(skipped),
+            "skipped_samples": sum(skipped.values()),
+            "skipped": skipped,  # samples the loader skipped, by reason (data/loader.py)
             "skipped_steps": self.skipped_steps,
             **({"ctc_loss": ctc / max(samples, 1.0)} if self.cfg.model.ctc_weight else {}),
         }
@@ -362,7 +384,8 @@ class Trainer:
             cfg.data.valid_shards, sample_rate=cfg.encoder.features.sample_rate,
             dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp_size, seed=cfg.seed,
             shuffle=False, shuffle_buffer=0, min_duration=cfg.data.min_duration,
-            max_duration=cfg.data.max_duration,
+            max_duration=cfg.data.max_duration, default_task=cfg.data.default_task,
+            default_context=cfg.data.default_context,
         )  # fmt: skip
         raws = list(itertools.islice(stream, -(-cfg.train.eval_wer_samples // dp_size)))
         fmt = cfg.data.prompt_format
@@ -408,10 +431,11 @@ def _train(cfg: Config, stop: StopSignals) -> dict:
     output_dir = Path(cfg.train.output_dir)
     resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if rank0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(resolved)
         log.info("resolved config:\n%s", resolved)
     trainer = Trainer(cfg)
+    if rank0:  # only once the checkpoint to resume (if any) has been found to fit
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(resolved)
     train_cfg, ckpt_cfg = cfg.train, cfg.checkpoint
     reporter = (
         Reporter(output_dir, train_cfg.steps, train_cfg.log_interval, trainer.step + 1)

@@ -57,6 +57,9 @@ class Reporter:
         elapsed = time.time() - self.start
         eta = elapsed / done * (self.total - step)
         extra = f" | CTC {record['ctc_loss']:.3f}" if "ctc_loss" in record else ""
+        if record.get("skipped_samples"):
+            reasons = ", ".join(f"{r} {n}" for r, n in record["skipped"].items())
+            extra += f" | skipped samples {record['skipped_samples']} ({reasons})"
         if record["skipped_steps"]:
             extra += f" | skipped steps {record['skipped_steps']}"
         log.info(

@@ -180,6 +180,7 @@ def test_feature_config_is_validated():
     assert (FeatureConfig().win_length, FeatureConfig().hop_length) == (400, 160)
 
 
+@pytest.mark.reference
 def test_features_equal_nemo():
     reference = nemo_reference()
     from salm_megatron.config import encoder_preset

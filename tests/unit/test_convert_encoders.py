@@ -131,6 +131,7 @@ def max_error(ours, reference, lengths, time_dim) -> float:
 # ------------------------------------------------------------------------------------------ NeMo
 
 
+@pytest.mark.reference
 @torch.no_grad()
 def test_nemo_archive_converts_and_equals_nemo(tmp_path, request, caplog):
     reference = nemo_reference()

@@ -205,6 +205,7 @@ def test_nemo_state_dict_names_map_to_ours():
 # ---------------------------------------------------------------------------------------- NeMo
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("case", ["tiny", "tiny-context", "tiny-variants"])
 def test_encoder_equals_nemo(case):
     reference = nemo_reference()
@@ -217,6 +218,7 @@ def test_encoder_equals_nemo(case):
     assert ours == nemo == formula
 
 
+@pytest.mark.reference
 def test_large_preset_has_nemo_parameter_count():
     reference = nemo_reference()
     cfg = encoder_preset("fastconformer-large")

@@ -15,7 +15,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from salm_megatron.data.loader import SampleStream
+from salm_megatron.data.loader import LoadedStream, NoSamplesError, SampleStream
 
 RATE = 16000
 FLAC_TOL = 1.0 / 32768 + 1e-6  # 16-bit quantization
@@ -133,6 +133,8 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path, caplog):
         {"__key__": "noaudio", "json": good},
         {"__key__": "nojson", "flac": _audio_bytes(wave(0.2))},
         {"__key__": "badjson", "flac": _audio_bytes(wave(0.2)), "json": b"{not json"},
+        {"__key__": "numbertask", "flac": _audio_bytes(wave(0.2)), "json": {**good, "task": 7}},
+        {"__key__": "noprompt", "flac": _audio_bytes(wave(0.2)), "json": {**good, "task": "qa"}},
         {"__key__": "long", "flac": _audio_bytes(wave(1.0)), "json": good},
         {"__key__": "short", "flac": _audio_bytes(wave(0.02)), "json": good},
         {
@@ -165,7 +167,8 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path, caplog):
         "empty_answer": 1,
         "no_audio": 1,
         "no_json": 1,
-        "bad_json": 1,
+        "bad_json": 2,  # not JSON; a task that is not a string
+        "no_instruction": 1,  # task qa has no default instruction and the sample no context
         "too_long": 1,
         "too_short": 1,
         "empty_shard": 1,
@@ -246,8 +249,57 @@ def test_repeat_runs_epochs_and_resumes_across_the_boundary(corpus):
     assert head + tail == reference
 
 
-def test_repeat_with_nothing_to_yield_is_an_error_not_a_hang(corpus):
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_repeat_with_nothing_to_yield_is_an_error_not_a_hang(corpus, num_workers):
+    """In a DataLoader worker too: the main process gets the loader's own one-line error."""
     stream = SampleStream(str(corpus["root"] / "train-0000.tar"), repeat=True, max_duration=0.01)
-    with pytest.raises(RuntimeError, match="epoch 0 gave DP rank 0 worker 0 no sample"):
-        next(iter(stream))
-    assert stream.stats["too_long"] == 6
+    with pytest.raises(NoSamplesError) as error:
+        next(iter(LoadedStream(stream, num_workers=num_workers)))
+    message = str(error.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith(
+        "no sample to train on: DP rank 0 worker 0 skipped every sample of its share of 1 "
+        "shard for 1 reader, epoch 0 (too_long 6); the first: "
+    )
+    assert "train-0000.tar: utt" in message and "> max_duration 0.01" in message
+
+
+def _one_shard(tmp_path, metas: list[dict]) -> str:
+    wave = np.zeros(1600, dtype=np.float32)
+    samples = [{"__key__": f"k{i}", "wav": _audio_bytes(wave, fmt="WAV"), "json": meta}
+               for i, meta in enumerate(metas)]  # fmt: skip
+    _write(str(tmp_path / "s-%04d.tar"), samples, per_shard=100)
+    return str(tmp_path / "s-0000.tar")
+
+
+def test_task_and_instruction_defaults(tmp_path):
+    """A bare transcript (webdataset's ShardWriter with {"text"}) is ASR; a sample with its own
+    context keeps it and is not taken for ASR; default_context replaces default instructions."""
+    shard = _one_shard(tmp_path, [
+        {"text": "a bare transcript"},
+        {"answer": "nine", "context": "What is the last number?"},
+        {"answer": "hallo", "task": "ast", "lang": "German"},
+        {"answer": "hallo", "task": "ast"},  # no lang for the default instruction
+        {"answer": "two", "task": "count"},  # no default instruction for the task
+    ])  # fmt: skip
+
+    def read(**options):
+        stream = SampleStream(shard, shuffle=False, **options)
+        return {s["key"]: (s["task"], s["context"]) for s in stream}, stream.stats
+
+    seen, stats = read()
+    assert seen == {
+        "k0": ("asr", "Transcribe the audio."),
+        "k1": (None, "What is the last number?"),
+        "k2": ("ast", "Translate the audio into German."),
+    }
+    assert stats["no_instruction"] == 2
+
+    seen, stats = read(default_task=None, default_context="Answer the question.")
+    assert seen["k0"] == (None, "Answer the question.")
+    assert seen["k1"] == (None, "What is the last number?")
+    assert seen["k3"] == ("ast", "Answer the question.") and len(seen) == 5
+    assert stats["no_instruction"] == 0
+
+    seen, stats = read(default_task=None)
+    assert "k0" not in seen and stats["no_instruction"] == 3

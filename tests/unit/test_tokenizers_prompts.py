@@ -102,7 +102,7 @@ def test_default_instructions():
     assert instruction("ast", "", lang="German") == "Translate the audio into German."
     with pytest.raises(ValueError, match="task 'ast' needs the sample's lang"):
         instruction("ast", None)
-    with pytest.raises(ValueError, match="task 'sqa' has no default instruction"):
+    with pytest.raises(ValueError, match="task 'sqa', which has no default instruction"):
         instruction("sqa", None)
 
 

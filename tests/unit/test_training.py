@@ -1,8 +1,8 @@
 """Proves the training pieces on one process: which checkpoint folder a resume picks, that frozen
 parameters get no gradient buffer and no optimizer state, weight decay and per-part learning rates
 in the param groups, the clipped optimizer step that skips NaN/inf gradients without a trace,
-recompute equal to no recompute, the ``salm train`` command line, and pretrained LLM and encoder
-weights loaded exactly."""
+recompute equal to no recompute, the ``salm train`` command line (files it names checked first; the
+config fields a refused resume names), and pretrained LLM and encoder weights loaded exactly."""
 
 import math
 import re
@@ -16,6 +16,7 @@ from salm_megatron.config import Config, ConfigError, apply_overrides, load_conf
 from salm_megatron.data import collate
 from salm_megatron.models import build_speech_llm
 from salm_megatron.training import checkpoint
+from salm_megatron.training.compatible import MODEL_SECTIONS, config_differences
 from salm_megatron.training.optimizer import (
     build_optimizer,
     current_lr,
@@ -281,6 +282,33 @@ def test_cli_names_missing_and_bad_fields(tmp_path, capsys):
     sweep.write_text(run.read_text())
     assert train.main([str(sweep)]) == 2
     assert "data.train_shards is required" in capsys.readouterr().err
+
+    # the files a run names are checked before anything starts
+    (tmp_path / "shard-0.tar").write_bytes(b"")
+    named = [f"data.train_shards={tmp_path / 'shard-0.tar'}", f"train.output_dir={tmp_path}/run"]
+    assert train.main([*named, f"data.tokenizer={tmp_path / 'tok.model'}"]) == 2
+    error = capsys.readouterr().err
+    assert error == f"salm train: error: data.tokenizer={tmp_path}/tok.model does not exist\n"
+    named.append(f"data.tokenizer={tmp_path}")
+    assert train.main([*named, f"checkpoint.pretrained_llm={tmp_path / 'llm'}"]) == 2
+    assert capsys.readouterr().err == (
+        f"salm train: error: checkpoint.pretrained_llm={tmp_path}/llm is not a Megatron dist "
+        "checkpoint (no such folder)\n"
+    )
+    assert train.main([*named, f"checkpoint.pretrained_encoder={tmp_path}"]) == 2
+    assert "(no metadata.json)" in capsys.readouterr().err
+
+
+def test_config_differences_name_the_model_fields_that_changed():
+    old = Config().to_dict()
+    new = apply_overrides(Config(), ["llm.hidden_size=96", "optim.lr=1e-3", "lora.rank=8"])
+    differences = [
+        "llm.hidden_size: checkpoint 64, this run 96",
+        "lora.rank: checkpoint 0, this run 8",
+    ]
+    assert config_differences(old, new.to_dict(), MODEL_SECTIONS) == differences
+    del old["lora"]["rank"]  # a field an older checkpoint's config does not have is left out
+    assert config_differences(old, new.to_dict(), MODEL_SECTIONS) == differences[:1]
 
 
 def test_exponent_notation_reads_as_float(tmp_path):
