@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -605,8 +606,9 @@ class ModelConfig:
     """How the parts (``llm``, ``encoder``, ``adapter``, ``bestow``) join, and what trains."""
 
     arch: str = "salm"  # salm: audio spliced into the prompt; bestow: cross-attention first
-    # SALM's audio placeholder token; null: the last id of llm.vocab_size (a reserved token in
-    # Llama 3's vocabulary). The tokenizer must map the placeholder to this id.
+    # SALM's audio placeholder token; null: the tokenizer's (its <|audio|> token, else its last
+    # reserved token, else the first id after its vocabulary; see data/tokenizers.py). Training
+    # fills it in, so checkpoints record it; a value given must be the tokenizer's.
     audio_token_id: Optional[int] = None
     freeze_llm: bool = False
     freeze_encoder: bool = False
@@ -677,8 +679,11 @@ class DataConfig:
     """Where samples come from (webdataset shards, see ``data/loader.py``) and how they become
     micro-batches."""
 
-    train_shards: Optional[str] = None  # brace pattern or glob: train/shard-{000000..000099}.tar
-    valid_shards: Optional[str] = None
+    # One dataset: a brace pattern or glob (train/shard-{000000..000099}.tar). Or a weighted mix:
+    # [{shards: "a/{0..3}.tar", weight: 3}, {shards: "b/*.tar", weight: 1}] (each next sample
+    # comes from a dataset drawn with probability weight / sum of weights; data/batching.py).
+    train_shards: Any = None
+    valid_shards: Optional[str] = None  # one pass per validation (each sample once)
     tokenizer: Optional[str] = None  # sentencepiece .model, tokenizer.json, or a folder with one
     prompt_format: str = "plain"
     micro_batch_size: int = 4  # samples per micro-batch
@@ -695,6 +700,7 @@ class DataConfig:
     default_context: Optional[str] = None
 
     def __post_init__(self):
+        self.train_shards = _weighted_shards("data.train_shards", self.train_shards)
         _choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)
         for name in ("default_task", "default_context"):
             value = getattr(self, name)
@@ -713,6 +719,45 @@ class DataConfig:
             low is None or high is None or low <= high,
             f"data.min_duration={low} is above data.max_duration={high}",
         )
+
+    @property
+    def train_datasets(self) -> list[tuple[str, float]]:
+        """(shard pattern, weight) of each training dataset; a plain pattern is one of weight 1."""
+        if self.train_shards is None:
+            return []
+        if isinstance(self.train_shards, str):
+            return [(self.train_shards, 1.0)]
+        return [(entry["shards"], entry["weight"]) for entry in self.train_shards]
+
+
+def _weighted_shards(name: str, value: Any) -> Any:
+    """A shard pattern as it is, or a mix's entries checked (weights as floats)."""
+    if value is None or isinstance(value, str):
+        return value
+    _require(
+        isinstance(value, list) and len(value) > 0,
+        f"{name}={value!r} must be a shard pattern or a non-empty list of "
+        "{shards: PATTERN, weight: W}",
+    )
+    entries = []
+    for i, entry in enumerate(value):
+        where = f"{name}[{i}]"
+        _require(
+            isinstance(entry, dict) and set(entry) == {"shards", "weight"},
+            f"{where}={entry!r} must be a mapping with exactly: shards, weight",
+        )
+        shards, weight = entry["shards"], entry["weight"]
+        _require(
+            isinstance(shards, str) and bool(shards.strip()),
+            f"{where}.shards={shards!r} must be a shard pattern (a non-empty string)",
+        )
+        number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        _require(
+            number and math.isfinite(weight) and weight > 0,
+            f"{where}.weight={weight!r} must be a positive number",
+        )
+        entries.append({"shards": shards, "weight": float(weight)})
+    return entries
 
 
 @dataclass
@@ -771,7 +816,7 @@ class TrainConfig:
     output_dir: str = "runs/salm"  # checkpoints/, tensorboard/, metrics.jsonl, config.yaml
     log_interval: int = 10  # steps between console progress lines (every step goes to files)
     eval_interval: Optional[int] = None  # steps between validations (needs data.valid_shards)
-    eval_iters: int = 10  # global batches per validation (the same ones each time)
+    eval_iters: int = 10  # at most this many global batches of one pass over data.valid_shards
     # Validation also decodes this many validation samples (decode.*) and reports WER and answer
     # accuracy, as `salm eval` scores them. Needs PP=1 and no SP (decoding runs on one stage).
     eval_wer_samples: int = 0
@@ -807,8 +852,14 @@ class CheckpointConfig:
     """Training checkpoints (``<train.output_dir>/checkpoints``) and pretrained weights."""
 
     interval: Optional[int] = 500  # steps between saves; null: only at the end
-    keep: Optional[int] = 3  # newest checkpoints kept; null: all
+    keep: Optional[int] = 3  # the newest checkpoints kept (by write order); null: all
     resume: bool = True  # continue from the newest complete checkpoint when there is one
+    # Start a new run in a train.output_dir that holds an earlier one: move the earlier run's
+    # checkpoints/, config.yaml, metrics.jsonl, tensorboard/ and sample_keys/ into
+    # <train.output_dir>/old-run-N/ (nothing is deleted). Without it, resume=false over
+    # checkpoints is refused. Give it once, on the command line: every run that has it set starts
+    # over, a requeued one too.
+    start_over: bool = False
     # Write checkpoints in a background process while training goes on; one in flight at a time.
     async_save: bool = False
     # Megatron dist checkpoints to start from (ignored when resuming): an LLM with GPTModel's keys,
@@ -882,10 +933,11 @@ class Config:
 
     def __post_init__(self):
         self.validate_layout()
+        audio_token, rows = self.model.audio_token_id, self.llm.padded_vocab_size
         _require(
-            self.placeholder_id < self.llm.vocab_size,
-            f"model.audio_token_id={self.placeholder_id} is outside the vocabulary "
-            f"0..{self.llm.vocab_size - 1} (llm.vocab_size={self.llm.vocab_size})",
+            audio_token is None or audio_token < rows,
+            f"model.audio_token_id={audio_token} is outside the embedding's rows 0..{rows - 1} "
+            f"(llm.vocab_size={self.llm.vocab_size} padded to {rows})",
         )
         _require(
             self.data.max_tokens is None or self.train.global_batch_size is None,
@@ -899,6 +951,13 @@ class Config:
             "pipeline stages exchange one activation shape; with "
             f"parallel.pipeline_model_parallel_size={self.parallel.pipeline_model_parallel_size} "
             "use data.micro_batch_size",
+        )
+        data, stages = self.data, self.parallel.pipeline_model_parallel_size
+        _require(
+            stages == 1 or data.bucket_window % data.micro_batch_size == 0,
+            f"data.bucket_window={data.bucket_window} is not a multiple of data.micro_batch_size="
+            f"{data.micro_batch_size}: each window would end in a smaller micro-batch, but "
+            f"pipeline stages (parallel.pipeline_model_parallel_size={stages}) exchange one shape",
         )
         encoder, high = self.encoder, self.data.max_duration
         if encoder.type == "whisper":
@@ -920,12 +979,56 @@ class Config:
 
     @property
     def placeholder_id(self) -> int:
-        """The audio placeholder token SALM prompts carry."""
+        """The audio placeholder token SALM prompts carry: ``model.audio_token_id``, which the
+        tokenizer fills in (``check_tokenizer``); without one (synthetic batches) the last id of
+        ``llm.vocab_size``."""
         audio_token = self.model.audio_token_id
         return self.llm.vocab_size - 1 if audio_token is None else audio_token
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Fields naming files or folders. Training makes them absolute (``absolute_paths``), so that the
+# config a run saves names the same files from any folder (`salm eval`, `salm export`, resume).
+PATH_FIELDS = (
+    "data.train_shards", "data.valid_shards", "data.tokenizer", "train.output_dir",
+    "checkpoint.pretrained_llm", "checkpoint.pretrained_encoder", "checkpoint.pretrained_model",
+)  # fmt: skip
+SHARD_FIELDS = ("data.train_shards", "data.valid_shards")  # brace patterns and globs
+
+
+def absolute_paths(config: Config, base: str | Path | None = None) -> Config:
+    """``config`` with the relative paths of :data:`PATH_FIELDS` joined to ``base`` (default: the
+    current folder). A shard pattern is joined when all its brace alternatives are relative."""
+    from braceexpand import braceexpand
+
+    base = os.path.abspath(base if base is not None else os.getcwd())
+    data = config.to_dict()
+
+    def joined(name: str, value: str, pattern: bool) -> str:
+        if not value:  # unset (an empty name is left for the checks to refuse)
+            return value
+        try:  # shard patterns: every alternative; a bad pattern is left to the shard check
+            items = braceexpand(value) if pattern else [value]
+            absolute = {os.path.isabs(item) for item in items}
+        except ValueError:
+            return value
+        _require(
+            len(absolute) == 1,
+            f"{name}={value!r} mixes absolute and relative paths; make them all absolute",
+        )
+        return os.path.join(base, value) if absolute == {False} else value
+
+    for name in PATH_FIELDS:
+        section, leaf = name.split(".")
+        value = data[section][leaf]
+        if isinstance(value, list):  # a weighted mix (data.train_shards): each entry's shards
+            for i, entry in enumerate(value):
+                entry["shards"] = joined(f"{name}[{i}].shards", entry["shards"], True)
+        else:
+            data[section][leaf] = joined(name, value, name in SHARD_FIELDS)
+    return config_from_dict(data)
 
 
 # ---------------------------------------------------------------------------- building from text
@@ -1047,13 +1150,28 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: {err}") from err
 
 
+def _override_value(text: str) -> Any:
+    """An override's value as YAML (numbers, booleans, null, a mix's list of mappings), except
+    text that YAML cannot read or reads as a mapping without values: a shard pattern with braces
+    (``{a,b}.tar``, ``{train,dev}``) stays the string it is."""
+    if not text:
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, dict) and ":" not in text:
+        return text
+    return value
+
+
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
     """A new config with ``key.sub=value`` strings applied (values parsed as YAML scalars)."""
     data = config.to_dict()
     for item in overrides:
         key, sep, text = item.partition("=")
         _require(bool(sep) and bool(key), f"override {item!r} is not of the form key.sub=value")
-        value = yaml.safe_load(text) if text else None
+        value = _override_value(text)
         node = data
         *parents, leaf = key.split(".")
         for i, part in enumerate(parents):

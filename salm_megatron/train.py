@@ -2,7 +2,9 @@
 
 One process trains on its own (world size 1); under torchrun (or srun setting RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT) every process runs this same code. The run resumes from the newest
-complete checkpoint in ``<train.output_dir>/checkpoints`` unless ``checkpoint.resume=false``.
+complete checkpoint in ``<train.output_dir>/checkpoints``; ``checkpoint.start_over=true`` moves an
+earlier run's outputs into ``<train.output_dir>/old-run-N`` and starts afresh (``resume=false``
+over checkpoints is refused), and a resume that would read the data otherwise is refused.
 SIGUSR1 or SIGTERM saves a checkpoint at the next step and exits with ``EXIT_REQUEUE`` (75), which
 the sbatch scripts in ``slurm/`` answer with a requeue.
 """

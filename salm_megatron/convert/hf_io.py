@@ -57,7 +57,8 @@ class SafetensorsFolder:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ConversionError(f"{index} has no weight_map")
-            self.shards = sorted(set(weight_map.values()))
+            names = {plain_name(s, f"{index}: weight_map[{t!r}]") for t, s in weight_map.items()}
+            self.shards = sorted(names)
         elif (self.folder / SINGLE_FILE).is_file():
             self.shards = [SINGLE_FILE]
         else:
@@ -131,6 +132,25 @@ class ShardedSafetensorsWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return count
+
+
+def plain_name(name: object, where: str) -> str:
+    """``name``, read from a file (``where`` names the file and field), when it is a plain file
+    name: joined to its folder, it stays inside (no ``..``, no separator, not absolute)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ConversionError(f"{where} {name!r} must be a plain name inside the folder")
+    return name
+
+
+def refuse_links(folder: Path) -> None:
+    """A folder from elsewhere holds its own files: a symbolic link in it could make a copy or a
+    read reach any file of this machine, so it is refused."""
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():
+            raise ConversionError(
+                f"{entry} is a symbolic link (to {os.readlink(entry)}); {folder} must hold its "
+                "own files, links are refused"
+            )
 
 
 def copy_tokenizer(source: Path, dest: Path) -> list[str]:

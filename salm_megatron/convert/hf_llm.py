@@ -41,6 +41,8 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from .. import parallel
 from ..config import ConfigError, LLMConfig, ParallelConfig, config_from_dict
+from ..data.prompts import generation_prompt
+from ..data.tokenizers import Tokenizer, load_tokenizer
 from ..llm.model import transformer_config
 from ..llm.specs import decoder_spec
 from .hf_io import (
@@ -56,6 +58,8 @@ log = logging.getLogger("salm.convert")
 
 LLM_CONFIG_FILE = "llm.yaml"  # our llm.* fields, beside a converted checkpoint
 HF_CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_MODELS = ("tokenizer.json", "tokenizer.model")  # what load_tokenizer reads in a folder
 ARCHITECTURES = {  # Hugging Face class -> model_type
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -234,14 +238,16 @@ def _same(megatron: str, hf: str, shape: tuple[int, ...]) -> Rule:
     return Rule(megatron, (hf,), (shape,), lambda t: t, lambda t: (t,))
 
 
-def _vocab_rows(llm: LLMConfig, megatron: str, hf: str) -> Rule:
-    """Embedding or output layer: zero rows appended up to the padded vocabulary."""
+def _vocab_rows(llm: LLMConfig, megatron: str, hf: str, hf_vocab: int) -> Rule:
+    """Embedding or output layer: zero rows appended up to the padded vocabulary (the rows of
+    tokens conversion adds among them)."""
     vocab, padded = llm.vocab_size, llm.padded_vocab_size
 
     def join(t):
-        return torch.cat([t, t.new_zeros(padded - vocab, *t.shape[1:])]) if padded > vocab else t
+        rows = padded - hf_vocab
+        return torch.cat([t, t.new_zeros(rows, *t.shape[1:])]) if rows else t
 
-    return Rule(megatron, (hf,), ((vocab, llm.hidden_size),), join, lambda t: (t[:vocab],))
+    return Rule(megatron, (hf,), ((hf_vocab, llm.hidden_size),), join, lambda t: (t[:vocab],))
 
 
 def _qkv(llm: LLMConfig, megatron: str, hf: tuple[str, str, str], rest: tuple[int, ...]) -> Rule:
@@ -278,11 +284,14 @@ def _gate_up(llm: LLMConfig, megatron: str, mlp: str) -> Rule:
     )
 
 
-def conversion_rules(llm: LLMConfig) -> list[list[Rule]]:
-    """Every tensor of the model, in groups read together: embedding, each layer, the end."""
+def conversion_rules(llm: LLMConfig, hf_vocab: int | None = None) -> list[list[Rule]]:
+    """Every tensor of the model, in groups read together: embedding, each layer, the end.
+    ``hf_vocab``: the Hugging Face vocabulary when it lacks tokens ``llm.vocab_size`` adds."""
     h, f = llm.hidden_size, llm.ffn_hidden_size
     heads_dim = llm.num_attention_heads * llm.head_dim
-    groups = [[_vocab_rows(llm, "embedding.word_embeddings.weight", "model.embed_tokens.weight")]]
+    hf_vocab = llm.vocab_size if hf_vocab is None else hf_vocab
+    embedding = "embedding.word_embeddings.weight", "model.embed_tokens.weight"
+    groups = [[_vocab_rows(llm, *embedding, hf_vocab)]]
     for i in range(llm.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
         attn, qkv = f"{hf}self_attn.", f"{mc}self_attention.linear_qkv"
@@ -299,7 +308,7 @@ def conversion_rules(llm: LLMConfig) -> list[list[Rule]]:
         groups.append(layer)
     last = [_same("decoder.final_layernorm.weight", "model.norm.weight", (h,))]
     if not llm.tie_embeddings:
-        last.append(_vocab_rows(llm, "output_layer.weight", "lm_head.weight"))
+        last.append(_vocab_rows(llm, "output_layer.weight", "lm_head.weight", hf_vocab))
     groups.append(last)
     return groups
 
@@ -387,13 +396,21 @@ def _filled(entry, name: str, tensor: torch.Tensor, llm: LLMConfig) -> ShardedTe
 # ------------------------------------------------------------------------------- HF -> Megatron
 
 
-def hf_to_mcore(hf_dir: str | Path, out: str | Path) -> LLMConfig:
-    """Convert the Hugging Face folder ``hf_dir`` into the dist checkpoint folder ``out``."""
+def hf_to_mcore(hf_dir: str | Path, out: str | Path, extra_tokens: int | None = None) -> LLMConfig:
+    """Convert the Hugging Face folder ``hf_dir`` into the dist checkpoint folder ``out``, with
+    ``extra_tokens`` zero embedding rows after the vocabulary (None: the audio placeholder's
+    row when the tokenizer and the padded rows have no room for it, else none)."""
     hf_dir, out = Path(hf_dir), Path(out)
     hf_config = read_json(hf_dir / HF_CONFIG_FILE)
-    llm = llm_config_from_hf(hf_config, str(hf_dir / HF_CONFIG_FILE))
+    source = llm_config_from_hf(hf_config, str(hf_dir / HF_CONFIG_FILE))
+    if extra_tokens is None:
+        extra_tokens = placeholder_rows(hf_dir, source)
+    if extra_tokens < 0:
+        raise ConversionError(f"extra_tokens={extra_tokens} must be >= 0")
+    llm = dataclasses.replace(source, vocab_size=source.vocab_size + extra_tokens)
+    hf_config["vocab_size"] = llm.vocab_size  # the config.json beside describes what is written
     weights = SafetensorsFolder(hf_dir)
-    rules = [rule for group in conversion_rules(llm) for rule in group]
+    rules = [rule for group in conversion_rules(llm, source.vocab_size) for rule in group]
     _check_hf_tensors(weights.names_and_shapes(), rules, llm, hf_dir)
 
     with atomic_folder(out) as tmp, single_process():
@@ -408,12 +425,34 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path) -> LLMConfig:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         write_llm_config(llm, tmp / LLM_CONFIG_FILE, str(hf_dir))
-        shutil.copy2(hf_dir / HF_CONFIG_FILE, tmp / HF_CONFIG_FILE)
+        (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         copied = copy_tokenizer(hf_dir, tmp)
         if not any(name.startswith("tokenizer") for name in copied):
             log.warning("%s holds no tokenizer files; none copied", hf_dir)
     log.info("wrote %s (%d tensors, %s)", out, len(rules), _family(llm))
     return llm
+
+
+def placeholder_rows(hf_dir: Path, llm: LLMConfig) -> int:
+    """Embedding rows to add so that the audio placeholder of the folder's tokenizer has one:
+    none when it is one of the tokenizer's own tokens or falls in the padded rows."""
+    if not any((hf_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        log.warning(
+            "%s has no tokenizer.json or tokenizer.model: no embedding row added for the audio "
+            "placeholder (pass --extra-tokens 1 when the tokenizer has no spare token)",
+            hf_dir,
+        )
+        return 0
+    tokenizer = load_tokenizer(hf_dir)
+    if tokenizer.audio_token_id < llm.padded_vocab_size:
+        return 0
+    extra = tokenizer.audio_token_id + 1 - llm.vocab_size
+    log.info(
+        "the audio placeholder of %s goes at id %d (%s) past the embedding's %d rows: adding %d",
+        hf_dir, tokenizer.audio_token_id, tokenizer.audio_token_origin, llm.padded_vocab_size,
+        extra,
+    )  # fmt: skip
+    return extra
 
 
 def _convert_shards(weights: SafetensorsFolder, rules: list[Rule], staging: Path) -> dict:
@@ -456,6 +495,7 @@ class MegatronSource:
     read: Callable[[list[str]], dict[str, torch.Tensor]]  # state-dict names -> tensors
     hf_config: Path | None  # the source family's config.json, when known
     tokenizer: Path | None
+    prompt_format: str | None = None  # a training run's data.prompt_format: where answers end
 
 
 class _RegionPlanner(DefaultLoadPlanner):
@@ -554,28 +594,41 @@ def open_megatron(path: str | Path) -> MegatronSource:
     hf_config = Path(pretrained) / HF_CONFIG_FILE if pretrained else None
     tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
     lora_rank = getattr(getattr(cfg, "lora", None), "rank", 0) or 0
-    if lora_rank > 0:
-        read = _merged_lora_reader(cfg, found, lora_rank)
-    elif "llm." in checkpoint.left_out(found):  # frozen: its weights are the pretrained ones
+    if "llm." in checkpoint.left_out(found):  # frozen: its weights are the pretrained ones
         if not pretrained:
             raise ConversionError(
                 f"{found} left out its frozen LLM, and its config names no "
                 "checkpoint.pretrained_llm to take it from"
             )
-        read = _checkpoint_reader(Path(pretrained), cfg.llm, "")
+        base, prefix = Path(pretrained), ""
     else:
-        read = _checkpoint_reader(found, cfg.llm, "llm.")
+        base, prefix = found, "llm."
+    if lora_rank > 0:
+        read = _merged_lora_reader(cfg, found, lora_rank, _stored_dtype(base, cfg.llm, prefix))
+    else:
+        read = _checkpoint_reader(base, cfg.llm, prefix)
     return MegatronSource(
         found,
         cfg.llm,
         read,
         hf_config if hf_config is not None and hf_config.is_file() else None,
         tokenizer if tokenizer is not None and tokenizer.exists() else None,
+        cfg.data.prompt_format,
     )
 
 
-def _merged_lora_reader(cfg, found: Path, rank: int):
-    """The whole speech model at TP=PP=1 with its LoRA adapters folded into the LLM."""
+def _stored_dtype(path: Path, llm: LLMConfig, prefix: str) -> torch.dtype:
+    """The dtype the LLM weights of dist checkpoint ``path`` are stored in."""
+    key = checkpoint_layout(llm, prefix)[prefix + "embedding.word_embeddings.weight"].key
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    if key not in saved:
+        raise ConversionError(f"{path} has no tensor {key}")
+    return saved[key].properties.dtype
+
+
+def _merged_lora_reader(cfg, found: Path, rank: int, dtype: torch.dtype):
+    """The whole speech model at TP=PP=1, built in ``dtype`` (the stored one: a bf16 model
+    never widens to fp32 in memory), with its LoRA adapters folded into the LLM."""
     try:
         from ..models.lora import merge_lora
     except ImportError as err:
@@ -585,10 +638,10 @@ def _merged_lora_reader(cfg, found: Path, rank: int):
         ) from None
     from ..inference import loading
 
-    model = loading.load_model(loading.generation_config(cfg, 1, []), found)
+    model = loading.load_model(loading.generation_config(cfg, 1, []), found, dtype)
     merge_lora(model)
     state = {n: t.detach() for n, t in model.llm.state_dict().items() if t is not None}
-    log.info("merged the LoRA adapters (rank %d) into the LLM", rank)
+    log.info("merged the LoRA adapters (rank %d) into the LLM, in %s", rank, _dtype_name(dtype))
     return _state_reader(state, found)
 
 
@@ -625,6 +678,13 @@ def mcore_to_hf(
         _write_hf_config(source, tmp / HF_CONFIG_FILE, dtype or saved_dtype)
         if source.tokenizer is None or not copy_tokenizer(source.tokenizer, tmp):
             log.warning("no tokenizer files found for %s; add them to %s", source.path, out)
+        elif _holds_tokenizer(source.tokenizer):
+            write_token_ids(tmp, load_tokenizer(source.tokenizer), source.prompt_format)
+        else:
+            log.warning(
+                "%s has no tokenizer.json or tokenizer.model: %s keeps the token ids it has",
+                source.tokenizer, HF_CONFIG_FILE,
+            )  # fmt: skip
     log.info("wrote %s (%d safetensors shard(s))", out, shards)
     return out
 
@@ -642,6 +702,31 @@ def _write_hf_config(source: MegatronSource, path: Path, dtype: torch.dtype) -> 
     else:
         config = hf_config_from_llm(source.llm, dtype)
     path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_token_ids(folder: Path, tokenizer: Tokenizer, prompt_format: str | None) -> None:
+    """The tokenizer's BOS, EOS and PAD (where it has its own) into the folder's ``config.json``,
+    and ``generation_config.json`` (which transformers' ``generate`` reads before the model
+    config) with those and, as its EOS, every token decoding stops at: EOS and, for a training
+    run, the end of an answer in its prompt format (Llama 3's ``<|eot_id|>``). Other fields of
+    a ``generation_config.json`` the tokenizer brought (sampling defaults) are kept."""
+    eos = tokenizer.eos_id
+    pad = tokenizer.pad_id if tokenizer.pad_id != eos else None  # EOS stands in for a missing one
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos, "pad_token_id": pad}
+    ids = {key: value for key, value in ids.items() if value is not None}
+    stops = {eos}
+    if prompt_format is not None:
+        stops.add(generation_prompt(tokenizer, prompt_format, "", 0)[1])
+    generation = ids | {"eos_token_id": sorted(stops) if len(stops) > 1 else eos}
+    for name, update in ((HF_CONFIG_FILE, ids), (GENERATION_CONFIG_FILE, generation)):
+        path = folder / name
+        config = read_json(path) if path.is_file() else {}
+        path.write_text(json.dumps(config | update, indent=2) + "\n")
+
+
+def _holds_tokenizer(path: Path) -> bool:
+    """Whether ``path`` is a tokenizer file or a folder with one (not its config alone)."""
+    return path.is_file() or any((path / n).is_file() for n in TOKENIZER_MODELS)
 
 
 def _shape_differs(config: dict, source: MegatronSource) -> bool:
@@ -683,8 +768,15 @@ def hf_to_mcore_main(argv: list[str]) -> int:
     )
     parser.add_argument("--hf", required=True, help="local Hugging Face model folder")
     parser.add_argument("--out", required=True, help="new output folder")
+    parser.add_argument(
+        "--extra-tokens",
+        type=int,
+        metavar="N",
+        help="zero embedding rows to add after the vocabulary (default: 1 when the tokenizer has "
+        "no <|audio|> or reserved token and the padded rows none to spare, as for Llama 2; else 0)",
+    )
     args = parser.parse_args(argv)
-    return _run(parser.prog, lambda: hf_to_mcore(args.hf, args.out))
+    return _run(parser.prog, lambda: hf_to_mcore(args.hf, args.out, args.extra_tokens))
 
 
 def mcore_to_hf_main(argv: list[str]) -> int:

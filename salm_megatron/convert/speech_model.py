@@ -12,17 +12,20 @@
                                      adapter, bestow, decode, lora (off), the data facts decoding
                                      needs (prompt format, tokenizer file, durations), precision,
                                      and the llm.* settings config.json does not carry
-    tokenizer files                  the run's data.tokenizer
+    tokenizer files                  the run's data.tokenizer, whose BOS/EOS/PAD ids config.json
+                                     and generation_config.json carry
 
 ``salm import`` reverses it into a folder that is itself a training-format checkpoint holding the
 whole model's weights (no optimizer, no data state) with ``config.yaml`` and the tokenizer beside:
 ``salm eval`` / ``salm transcribe --checkpoint`` take it as they take a step folder, and a new run
 starts from it with ``checkpoint.pretrained_model`` (at any TP/PP; resuming needs optimizer and
 data-stream state an exported model no longer has). Export then import gives back every tensor
-bitwise.
+bitwise. An imported folder may come from elsewhere: the names it gives (data.tokenizer, shards)
+must be plain names inside it, and a symbolic link in it is refused.
 
-On export the LLM is read a layer at a time by ``hf_llm`` (built whole only to merge LoRA); the
-speech parts are read whole without it. Import builds the whole model once, at TP=PP=1.
+On export the LLM is read a layer at a time by ``hf_llm`` (built whole, in its stored dtype, only
+to merge LoRA); the speech parts are read whole without it. Import builds the whole model once,
+at TP=PP=1.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from ..config import Config, ConfigError, config_from_dict
+from ..data.tokenizers import load_tokenizer
 from ..models.bestow import BestowCrossAttention
 from ..models.speech_llm import AudioPath, CTCHead
 from .hf_io import (
@@ -52,7 +56,9 @@ from .hf_io import (
     SafetensorsFolder,
     atomic_folder,
     copy_tokenizer,
+    plain_name,
     read_json,
+    refuse_links,
 )
 from .hf_llm import (
     HF_CONFIG_FILE,
@@ -65,6 +71,7 @@ from .hf_llm import (
     llm_config_from_hf,
     mcore_to_hf,
     single_process,
+    write_token_ids,
 )
 
 log = logging.getLogger("salm.convert")
@@ -125,6 +132,8 @@ def export_speech_model(
         tensors.update(_vocab_padding(cfg, found))
         save_file(tensors, tmp / SPEECH_WEIGHTS, metadata={"format": "pt"})
         name = _copy_tokenizer(tokenizer, tmp)
+        # The ids of the tokenizer just copied (mcore_to_hf wrote the config's data.tokenizer's).
+        write_token_ids(tmp, load_tokenizer(tokenizer), cfg.data.prompt_format)
         speech = _speech_config(cfg, tmp / HF_CONFIG_FILE, name, found)
         (tmp / SPEECH_CONFIG).write_text(json.dumps(speech, indent=2) + "\n")
     log.info("wrote %s (%s; %d speech tensors)", out, cfg.model.arch, len(tensors))
@@ -241,7 +250,9 @@ def read_speech_config(folder: Path, tokenizer_root: Path | None = None) -> tupl
     described = llm_config_from_hf(read_json(folder / HF_CONFIG_FILE), str(folder / HF_CONFIG_FILE))
     data = dict(speech["data"])
     name = data.pop("tokenizer", None)
-    if not isinstance(name, str) or not (folder / name).exists():
+    if name != ".":  # the folder itself, or one file in it
+        plain_name(name, f"{path}: data.tokenizer")
+    if not (folder / name).exists():
         raise ConversionError(f"{path}: data.tokenizer {name!r} is not in {folder}")
     data["tokenizer"] = str((tokenizer_root or folder) / name)
     try:
@@ -266,6 +277,7 @@ def import_speech_model(hf: str | Path, out: str | Path) -> Path:
     hf, out = Path(hf), Path(out)
     if not hf.is_dir():
         raise FileNotFoundError(f"exported model folder {hf} does not exist")
+    refuse_links(hf)  # what it copies and reads are its own files (names checked where read)
     cfg, name = read_speech_config(hf, out.resolve())
     speech = _read_speech_weights(hf / SPEECH_WEIGHTS, cfg)
     weights = SafetensorsFolder(hf)

@@ -5,14 +5,20 @@ adapter will make of it (what the LLM or the cross-attention reads). Batching wo
 read ``window`` samples, sort them by cost, cut batches (up to ``max_tokens`` of padded cost, or
 ``batch_size`` samples), shuffle the batches with a seeded RNG and emit them. A window is a pure
 function of the source's state at its start, so the resumable state is just that source state
-plus how many of the window's batches were already emitted.
+plus how many of the window's batches were already emitted (and the samples skipped before it).
+
+A repeating stream of a small dataset (a data-parallel rank's share shorter than the window)
+puts several copies of a sample in one window, with equal cost: they go to different batches
+(see :meth:`BucketBatcher._cut`), never side by side in one. A sample costing more than
+``max_tokens`` is skipped and counted (``skipped``), not raised mid-run.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any, Optional, Protocol
 
 import torch
@@ -20,6 +26,11 @@ import torch
 from ..audio.adapters import audio_embedding_lengths
 from ..config import Config
 from .collate import SpeechSample
+
+logger = logging.getLogger(__name__)
+
+SKIP_REASONS = ("over_max_tokens",)  # samples BucketBatcher skips, by reason (see its skipped)
+MAX_WARNINGS = 5  # skipped samples named in the log, per batcher
 
 
 class Resumable(Protocol):
@@ -57,6 +68,15 @@ def llm_sequence_length(cfg: Config) -> Callable[[SpeechSample], int]:
     return length
 
 
+def copy_key(sample: Any) -> Hashable:
+    """What the copies of one record share: a :class:`SpeechSample`'s key, tokens and audio
+    lengths (two datasets may share keys, hardly also their text and audio); any other item is
+    its own key."""
+    if isinstance(sample, SpeechSample):
+        return sample.key, tuple(sample.input_ids), tuple(len(w) for w in sample.audio)
+    return sample
+
+
 class BucketBatcher:
     """Micro-batches of samples of similar cost from a resumable sample stream."""
 
@@ -69,6 +89,7 @@ class BucketBatcher:
         batch_size: Optional[int] = None,
         window: int = 1000,
         seed: int = 0,
+        copy_key: Callable[[Any], Hashable] = copy_key,
     ):
         if (max_tokens is None) == (batch_size is None):
             raise ValueError("give exactly one of max_tokens (dynamic) or batch_size (fixed)")
@@ -80,43 +101,96 @@ class BucketBatcher:
         self.max_tokens, self.batch_size, self.window, self.seed = (
             max_tokens, batch_size, window, seed,
         )  # fmt: skip
+        self.copy_key = copy_key
         self._resume: Optional[dict] = None
-        self._state = {"source": source.state_dict(), "window": 0, "emitted": 0}
+        self._state = {"source": source.state_dict(), "window": 0, "emitted": 0, "skipped": 0}
+        self._skipped = 0  # over max_tokens, in the windows cut so far
+        self._unfit: Optional[set] = set()  # keys skipped while no sample fitted (None: one did)
+        self._warned_copies = False
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped, by reason (:data:`SKIP_REASONS`), in the windows read so far."""
+        return {"over_max_tokens": self._skipped}
+
+    def _fits(self, size: int, cost: int) -> bool:
+        """Whether a sample of ``cost`` (the longest yet) joins a batch of ``size`` samples."""
+        if self.batch_size is not None:
+            return size < self.batch_size
+        return cost * (size + 1) <= self.max_tokens
+
+    def _skip(self, sample: Any, cost: int, key: Hashable) -> None:
+        """Count a sample over ``max_tokens``; a repeating stream of which no sample fits would
+        skip forever, so the first skipped sample seen again before any fitted is an error."""
+        if self._unfit is not None:
+            if key in self._unfit:
+                raise ValueError(
+                    f"every sample costs more than max_tokens={self.max_tokens} tokens (e.g. "
+                    f"{getattr(sample, 'key', None) or sample!r}: {cost}); raise max_tokens"
+                )
+            self._unfit.add(key)
+        self._skipped += 1
+        if self._skipped <= MAX_WARNINGS:
+            logger.warning(
+                "skipping %s (over_max_tokens): it costs %d tokens, more than max_tokens=%d",
+                getattr(sample, "key", None) or repr(sample), cost, self.max_tokens,
+            )  # fmt: skip
 
     def _cut(self, samples: list) -> list[list]:
-        """Batches of the window's samples, shortest first (each sample joins the longest so
-        far, so a batch's padded cost is its last sample's cost times its size)."""
+        """Batches of the window's samples, shortest first (ties in arrival order; each further
+        copy of a sample in a later pass). Each batch takes, in that order, the first samples
+        left that are no copy of one it holds, until the next does not fit (padded cost: the
+        longest times the size, or ``batch_size``): without copies, a plain cut of the sorted
+        window; a copy waits for the next batch, so no batch holds two."""
         costs = [self.cost(s) for s in samples]
-        batches, current = [], []
-        for i in sorted(range(len(samples)), key=costs.__getitem__):
+        keys = [self.copy_key(s) for s in samples]
+        copy_number, seen = [], {}
+        for key in keys:
+            copy_number.append(seen.get(key, 0))
+            seen[key] = copy_number[-1] + 1
+        if len(seen) < len(keys) and not self._warned_copies:
+            self._warned_copies = True
+            logger.warning(
+                "a bucket window of %d samples holds %d copies (a data-parallel rank's share of "
+                "the data is shorter than the window): they go to different micro-batches; a "
+                "window no longer than the share sorts each sample once",
+                len(keys), len(keys) - len(seen),
+            )  # fmt: skip
+        queue = []
+        for i in sorted(range(len(samples)), key=lambda i: (copy_number[i], costs[i])):
             if self.max_tokens is not None and costs[i] > self.max_tokens:
-                raise ValueError(
-                    f"a sample costs {costs[i]} tokens, more than max_tokens={self.max_tokens}; "
-                    "raise max_tokens or filter long samples"
-                )
-            fits = (
-                len(current) < self.batch_size
-                if self.batch_size is not None
-                else costs[i] * (len(current) + 1) <= self.max_tokens
-            )
-            if current and not fits:
-                batches.append(current)
-                current = []
-            current.append(samples[i])
-        if current:
-            batches.append(current)
+                self._skip(samples[i], costs[i], keys[i])
+            else:
+                self._unfit = None
+                queue.append(i)
+        batches = []
+        while queue:
+            taken, held, longest, waiting = [], set(), 0, []
+            for position, i in enumerate(queue):
+                if keys[i] in held:
+                    waiting.append(i)
+                elif not taken or self._fits(len(taken), max(longest, costs[i])):
+                    taken.append(i)
+                    held.add(keys[i])
+                    longest = max(longest, costs[i])
+                else:
+                    waiting += queue[position:]
+                    break
+            batches.append([samples[i] for i in taken])
+            queue = waiting
         return batches
 
     def __iter__(self) -> Iterator[list]:
         if self._resume is not None:
             self.source.load_state_dict(self._resume["source"])
             window_index, skip = self._resume["window"], self._resume["emitted"]
+            self._skipped = self._resume.get("skipped", 0)
             self._resume = None
         else:
             window_index, skip = self._state["window"], 0
         stream = iter(self.source)
         while True:
-            start = self.source.state_dict()
+            start, skipped_before = self.source.state_dict(), self._skipped
             samples = list(itertools.islice(stream, self.window))
             if not samples:
                 return
@@ -125,7 +199,10 @@ class BucketBatcher:
             for emitted, batch in enumerate(batches, start=1):
                 if emitted <= skip:
                     continue
-                self._state = {"source": start, "window": window_index, "emitted": emitted}
+                self._state = {
+                    "source": start, "window": window_index, "emitted": emitted,
+                    "skipped": skipped_before,
+                }  # fmt: skip
                 yield batch
             window_index, skip = window_index + 1, 0
 
@@ -143,7 +220,11 @@ class GlobalBatches:
 
     Pipeline stages exchange activations of one shape, so every micro-batch of a global batch is
     padded to the longest (``length`` of a sample, e.g. :func:`llm_sequence_length`, rounded up
-    to ``multiple``). A trailing group with fewer micro-batches is dropped.
+    to ``multiple``). A trailing group with fewer micro-batches is dropped (training's endless
+    stream), or kept with ``drop_last=False`` (validation's one pass: nothing is left out). With
+    ``one_size`` a group also ends before a micro-batch of another size than its first (pipeline
+    stages exchange one batch size too); it reads one micro-batch ahead, so its ``state_dict``
+    is not exact (validation saves none).
     """
 
     def __init__(
@@ -152,22 +233,40 @@ class GlobalBatches:
         num_microbatches: int,
         length: Callable[[Any], int],
         multiple: int = 1,
+        *,
+        drop_last: bool = True,
+        one_size: bool = False,
     ):
         if num_microbatches < 1 or multiple < 1:
             raise ValueError(
                 f"num_microbatches={num_microbatches} and multiple={multiple} must be >= 1"
             )
+        if drop_last and one_size:
+            raise ValueError("one_size ends groups early, which drop_last would drop: not both")
         self.source, self.num_microbatches = microbatches, num_microbatches
         self.length, self.multiple = length, multiple
+        self.drop_last, self.one_size = drop_last, one_size
+
+    def _shaped(self, group: list) -> tuple[list, int]:
+        longest = max(self.length(sample) for batch in group for sample in batch)
+        return group, -(-longest // self.multiple) * self.multiple
 
     def __iter__(self) -> Iterator[tuple[list, int]]:
         stream = iter(self.source)
-        while (
-            len(group := list(itertools.islice(stream, self.num_microbatches)))
-            == self.num_microbatches
-        ):
-            longest = max(self.length(sample) for batch in group for sample in batch)
-            yield group, -(-longest // self.multiple) * self.multiple
+        if not self.one_size:
+            while group := list(itertools.islice(stream, self.num_microbatches)):
+                if self.drop_last and len(group) < self.num_microbatches:
+                    return
+                yield self._shaped(group)
+            return
+        group = []
+        for batch in stream:
+            if group and (len(group) == self.num_microbatches or len(batch) != len(group[0])):
+                yield self._shaped(group)
+                group = []
+            group.append(batch)
+        if group:
+            yield self._shaped(group)
 
     def state_dict(self) -> dict:
         return self.source.state_dict()
@@ -220,6 +319,12 @@ class WeightedMix:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        saved = f"mixing {len(state['sources'])} datasets" if "drawn" in state else "from one"
+        if saved != f"mixing {len(self.sources)} datasets":
+            raise ValueError(
+                f"data state was saved {saved}, this run mixes {len(self.sources)} datasets: "
+                "resuming would not replay the same samples"
+            )
         self.drawn, self.ended = state["drawn"], set(state["ended"])
         for source, sub in zip(self.sources, state["sources"], strict=True):
             source.load_state_dict(sub)

@@ -44,6 +44,7 @@ counted again.
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import hashlib
 import json
@@ -80,6 +81,9 @@ SKIP_REASONS = (
     "too_long",  # decoded duration > max_duration
 )
 STATE_VERSION = 1
+# What else decides the raw record order (besides seed, DP layout and shard names), recorded in
+# the state too; a state saved before they were lacks them and is not checked for them.
+ORDER_SETTINGS = ("shuffle", "shuffle_buffer", "shard_sizes")
 
 
 class NoSamplesError(ValueError):
@@ -246,6 +250,9 @@ class SampleStream(IterableDataset):
         self.repeat = repeat
         self.max_warnings = max_warnings
         self.tracker = LoaderState()
+        # DataLoader worker ``i`` reads as worker ``(i + worker_offset) % num_workers``: a resume
+        # starts the round-robin at the worker that was next (LoadedStream sets it)
+        self.worker_offset = 0
         self._warned = 0
         self._first_skip: Optional[str] = None
 
@@ -270,6 +277,14 @@ class SampleStream(IterableDataset):
         names = "\n".join(os.path.basename(p) for p in self.shards).encode()
         return hashlib.sha1(names, usedforsecurity=False).hexdigest()
 
+    @functools.cached_property
+    def shard_sizes(self) -> str:
+        """``"<n> shards, sha1 <digest>"`` of the shards' names and byte sizes: shards rewritten
+        under the same names (other samples, another order) change it."""
+        listing = "\n".join(f"{os.path.basename(p)} {os.path.getsize(p)}" for p in self.shards)
+        digest = hashlib.sha1(listing.encode(), usedforsecurity=False).hexdigest()
+        return f"{len(self.shards)} shards, sha1 {digest[:16]}"
+
     def state_dict(self) -> dict:
         """Plain (JSON-able) state of this DP rank's stream: epoch, and per worker the records
         consumed in its epoch."""
@@ -282,12 +297,14 @@ class SampleStream(IterableDataset):
             "dp_size": self.dp_size,
             "shards": len(self.shards),
             "shards_fingerprint": self._fingerprint(),
+            **{name: getattr(self, name) for name in ORDER_SETTINGS},
             **self.tracker.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue after the samples recorded in ``state``; the same shards, seed and DP layout
-        are required (anything else would not replay the same order)."""
+        """Continue after the samples recorded in ``state``; the same shards (names and sizes),
+        seed, shuffling and DP layout are required (anything else would not replay the same
+        order)."""
         expected = {
             "version": STATE_VERSION,
             "seed": self.seed,
@@ -295,6 +312,7 @@ class SampleStream(IterableDataset):
             "dp_size": self.dp_size,
             "shards": len(self.shards),
             "shards_fingerprint": self._fingerprint(),
+            **{name: getattr(self, name) for name in ORDER_SETTINGS if name in state},
         }
         for name, value in expected.items():
             if state.get(name) != value:
@@ -434,7 +452,11 @@ class SampleStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, num_workers = (
+            ((info.id + self.worker_offset) % info.num_workers, info.num_workers)
+            if info is not None
+            else (0, 1)
+        )
         saved = self.tracker.num_workers
         if self.tracker.workers and saved is not None and saved != num_workers:
             raise ValueError(
@@ -492,13 +514,17 @@ class LoadedStream:
     """A :class:`SampleStream` read by ``num_workers`` DataLoader worker processes.
 
     Observes each sample as it arrives, so ``state_dict`` covers exactly what was delivered;
-    load a state before iterating (the workers start with it).
+    load a state before iterating (the workers start with it). A DataLoader takes samples from
+    its workers in turn, starting with its first: the state also names the worker whose turn is
+    next (``next_worker``), and a resumed stream starts there, so that the order goes on as it
+    would have (a state taken after any number of samples, e.g. by a mix of datasets).
     """
 
     def __init__(self, stream: SampleStream, num_workers: int = 0, prefetch_factor: int = 2):
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be >= 0")
         self.stream, self.num_workers, self.prefetch_factor = stream, num_workers, prefetch_factor
+        self.next_worker = 0
 
     def __iter__(self) -> Iterator[dict]:
         if self.num_workers == 0:
@@ -513,13 +539,17 @@ class LoadedStream:
             # a resumed run (workers started later) would see different random numbers.
             generator=torch.Generator(),
         )
+        self.stream.worker_offset = self.next_worker  # before the workers copy the stream
         for sample in loader:
             if isinstance(sample, NoSamplesError):
                 raise sample
+            self.next_worker = (sample["position"]["worker"] + 1) % self.num_workers
             yield self.stream.observe(sample)
 
     def state_dict(self) -> dict:
-        return self.stream.state_dict()
+        return {**self.stream.state_dict(), "next_worker": self.next_worker}
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.next_worker = state.pop("next_worker", 0)  # absent: a state from before it was kept
         self.stream.load_state_dict(state)

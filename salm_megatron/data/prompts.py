@@ -51,26 +51,39 @@ def build_prompt(
     answer: str,
     audio_segments: int = 1,
 ) -> Prompt:
-    """Token ids and answer mask of one sample in format ``fmt``."""
+    """Token ids and answer mask of one sample in format ``fmt``.
+
+    Each stretch of text between special tokens is tokenized whole and cut where the audio and
+    the answer go, so the pieces are the ones the LLM saw in pretraining (Llama 2's ``▁four``
+    after ``[/INST]``, not a stray ``▁`` before it); ``answer=""`` gives the same prompt ids.
+    """
     audio = [tokenizer.audio_token_id] * audio_segments
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    context, answer = context.strip(), answer.strip()
+    spaced = f" {answer}" if answer else ""
     if fmt == "plain":  # "Q: {context}\nA: {answer}"
-        prompt = bos + audio + tokenizer.encode(f"Q: {context}\nA:")
-        reply = tokenizer.encode(" " + answer) + [tokenizer.eos_id]
-    elif fmt == "llama2":  # "<s>[INST] {context} [/INST] {answer} </s>"
-        prompt = bos + tokenizer.encode("[INST] ") + audio + tokenizer.encode(f"{context} [/INST]")
-        reply = tokenizer.encode(" " + answer) + [tokenizer.eos_id]
-    elif fmt == "llama3":
+        question = f"Q: {context}\nA:"
+        asked, said = tokenizer.encode_split(question + spaced, [len(question)])
+        prompt = bos + audio + asked
+        reply = said + [tokenizer.eos_id]
+    elif fmt == "llama2":  # "<s>[INST] {context} [/INST] {answer} </s>", audio after "[INST]"
+        inst = "[INST]"
+        question = f"{inst} {context} [/INST]"
+        opening, asked, said = tokenizer.encode_split(question + spaced, [len(inst), len(question)])
+        prompt = bos + opening + audio + asked
+        reply = said + [tokenizer.eos_id]
+    elif fmt == "llama3":  # Llama 3's chat template, audio at the start of the user's turn
         header = [tokenizer.require("<|start_header_id|>")]
         end_header = [tokenizer.require("<|end_header_id|>")]
         eot = [tokenizer.require("<|eot_id|>")]
+        user_break, asked = tokenizer.encode_split("\n\n" + context, [2])
+        assistant_break, said = tokenizer.encode_split("\n\n" + answer, [2])
         prompt = (
             [tokenizer.require("<|begin_of_text|>")]
-            + header + tokenizer.encode("user") + end_header + tokenizer.encode("\n\n")
-            + audio + tokenizer.encode(context) + eot
-            + header + tokenizer.encode("assistant") + end_header + tokenizer.encode("\n\n")
+            + header + tokenizer.encode("user") + end_header + user_break + audio + asked + eot
+            + header + tokenizer.encode("assistant") + end_header + assistant_break
         )  # fmt: skip
-        reply = tokenizer.encode(answer) + eot
+        reply = said + eot
     else:
         raise ValueError(f"prompt format {fmt!r} is not one of {', '.join(PROMPT_FORMATS)}")
     return Prompt(prompt + reply, [0] * len(prompt) + [1] * len(reply))

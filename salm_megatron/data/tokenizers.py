@@ -1,19 +1,31 @@
 """One interface over sentencepiece ``.model`` and Hugging Face ``tokenizer.json`` tokenizers.
 
 Besides text <-> ids, prompts need BOS/EOS, named special tokens (chat headers) and the audio
-placeholder id. The placeholder is never produced by tokenizing text (a transcript that happens
-to contain the placeholder string stays text); prompt builders insert its id directly. When the
-tokenizer has no such token, the placeholder takes the first id after the vocabulary, and
-``vocab_size`` counts it.
+placeholder id. One rule places the placeholder, the same for training, decoding and conversion:
+
+1. the tokenizer's own ``<|audio|>`` token, if it has one;
+2. else its last reserved token (Llama 3's ``<|reserved_special_token_N|>``, Mistral v0.3's
+   ``[control_N]``), whose embedding row the pretrained LLM never learned from;
+3. else the first id after its vocabulary: a padded embedding row, or one ``salm convert
+   hf-to-mcore`` adds when the embedding has none (``vocab_size`` counts it).
+
+Text never produces the placeholder (nor any special token): a transcript that happens to contain
+``<|audio|>`` stays text; prompt builders insert the ids of special tokens directly.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Optional
 
 AUDIO_TOKEN = "<|audio|>"
+# Tokens a tokenizer keeps unused for later (Llama 3, Mistral v0.3, Gemma).
+RESERVED_TOKEN = re.compile(r"<\|reserved_special_token_\d+\|>|\[control_\d+\]|<unused\d+>")
 
 # Names tried, in order, when a tokenizer.json comes without tokenizer_config.json.
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
@@ -30,9 +42,30 @@ class Tokenizer:
     eos_id: int
     pad_id: int
     audio_token_id: int
+    audio_token_origin: str  # why the placeholder is where it is, for messages
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without BOS/EOS."""
+        return self.encode_split(text, ())[0]
+
+    def encode_split(self, text: str, cuts: Sequence[int]) -> list[list[int]]:
+        """The tokens of ``text`` as the tokenizer makes them for the whole text, cut at the
+        character positions ``cuts`` (ascending) into ``len(cuts) + 1`` parts. Text that
+        continues other text (an answer after its prompt) so keeps the pieces it has there:
+        Llama 2's ``▁four``, not the ``▁`` ``▁four`` of tokenizing `` four`` on its own."""
+        parts: list[list[int]] = [[] for _ in range(len(cuts) + 1)]
+        for token_id, start, end in self._spans(text):
+            k = bisect.bisect_right(cuts, start)  # the part holding the token's first character
+            if k < len(cuts) and cuts[k] < end:
+                raise ValueError(
+                    f"tokenizer {self.path}: token {token_id} spans characters {start}..{end} of "
+                    f"{text!r}, across the cut at {cuts[k]}"
+                )
+            parts[k].append(token_id)
+        return parts
+
+    def _spans(self, text: str) -> list[tuple[int, int, int]]:
+        """(id, first character, end character) of each token of ``text``."""
         raise NotImplementedError
 
     def decode(self, ids: list[int]) -> str:
@@ -43,9 +76,14 @@ class Tokenizer:
         """Id of a whole token such as ``<|eot_id|>``, or None when the vocabulary lacks it."""
         raise NotImplementedError
 
+    def _reserved_tokens(self) -> Iterable[tuple[int, str]]:
+        """(id, name) of the tokens it keeps unused for later."""
+        raise NotImplementedError
+
     @property
     def vocab_size(self) -> int:
-        """Ids in use, the appended audio placeholder included; the LLM's vocab_size."""
+        """Ids prompts use (its tokens and the audio placeholder): an ``llm.vocab_size`` that
+        holds them all."""
         return max(self.base_vocab_size, self.audio_token_id + 1)
 
     def require(self, token: str) -> int:
@@ -55,8 +93,21 @@ class Tokenizer:
         return token_id
 
     def _set_audio_token(self, audio_token: str) -> None:
-        existing = self.token_id(audio_token)
-        self.audio_token_id = self.base_vocab_size if existing is None else existing
+        """The placeholder by the rule in this module's docstring."""
+        own = self.token_id(audio_token)
+        taken = {self.bos_id, self.eos_id, self.pad_id}
+        reserved = [(i, name) for i, name in self._reserved_tokens() if i not in taken]
+        if own is not None:
+            self.audio_token_id, self.audio_token_origin = own, f"its {audio_token} token"
+        elif reserved:
+            token_id, token = max(reserved)
+            self.audio_token_id, self.audio_token_origin = token_id, f"its reserved token {token}"
+        else:
+            self.audio_token_id = self.base_vocab_size
+            self.audio_token_origin = (
+                f"the first id after its {self.base_vocab_size} tokens (it has neither "
+                f"{audio_token} nor a reserved token)"
+            )
 
     def __repr__(self) -> str:
         return (
@@ -82,8 +133,14 @@ class SentencePieceTokenizer(Tokenizer):
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
         self._set_audio_token(audio_token)
 
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+    def _spans(self, text: str) -> list[tuple[int, int, int]]:
+        # sentencepiece reports UTF-8 byte offsets; ``chars[i]`` is the byte offset of char i.
+        chars = list(itertools.accumulate((len(c.encode()) for c in text), initial=0))
+        pieces = self.sp.encode(text, return_type="proto").pieces
+        return [
+            (p.id, bisect.bisect_left(chars, p.begin), bisect.bisect_left(chars, p.end))
+            for p in pieces
+        ]
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if i < self.base_vocab_size])
@@ -92,6 +149,12 @@ class SentencePieceTokenizer(Tokenizer):
         token_id = self.sp.piece_to_id(token)
         unknown = token_id == self.sp.unk_id() and token != self.sp.id_to_piece(token_id)
         return None if unknown else token_id
+
+    def _reserved_tokens(self) -> Iterable[tuple[int, str]]:
+        for i in range(self.base_vocab_size):
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_unused(i) or RESERVED_TOKEN.fullmatch(piece):
+                yield i, piece
 
 
 class HFTokenizer(Tokenizer):
@@ -105,6 +168,7 @@ class HFTokenizer(Tokenizer):
             self.backend = Backend.from_file(str(path))
         except Exception as err:  # the library raises plain Exception on bad files
             raise ValueError(f"{path} is not a Hugging Face tokenizer.json: {err}") from err
+        self.backend.encode_special_tokens = True  # "<|eot_id|>" in a transcript stays text
         self.base_vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
         named = self._named_tokens(path.parent / "tokenizer_config.json")
         self.bos_id = self._first_id([named.get("bos_token"), *_BOS_NAMES])
@@ -142,14 +206,19 @@ class HFTokenizer(Tokenizer):
                 return token_id
         return None
 
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def _spans(self, text: str) -> list[tuple[int, int, int]]:
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return [(i, *span) for i, span in zip(encoding.ids, encoding.offsets, strict=True)]
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode([i for i in ids if i < self.base_vocab_size])
 
     def token_id(self, token: str) -> Optional[int]:
         return self.backend.token_to_id(token)
+
+    def _reserved_tokens(self) -> Iterable[tuple[int, str]]:
+        added = self.backend.get_added_tokens_decoder().items()  # reserved tokens are added ones
+        return ((i, t.content) for i, t in added if RESERVED_TOKEN.fullmatch(t.content))
 
 
 def load_tokenizer(path: str | Path, audio_token: str = AUDIO_TOKEN) -> Tokenizer:

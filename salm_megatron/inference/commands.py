@@ -23,27 +23,42 @@ from ..cli import setup_logging
 from ..config import ConfigError
 from ..data.audio_io import AudioError, decode
 from ..data.collate import SpeechSample
-from ..data.loader import SampleStream, expand_shards
+from ..data.loader import expand_shards
 from ..data.prompts import DEFAULT_INSTRUCTIONS, generation_prompt
-from ..data.samples import prompt_sample
 from ..training.report import duration
+from .evaluation import (
+    Decoded,
+    decode_samples,
+    describe,
+    duration_problem,
+    evaluation_stream,
+    failure_message,
+    gather,
+)
 from .loading import load_generator, prepare
-from .metrics import format_table, task_metrics
+from .metrics import format_table, metrics_json, task_metrics
 
 log = logging.getLogger("salm.inference")
 
-# Command-line flags of the decode.* config fields.
-DECODING_FLAGS = {
-    "--strategy": ("strategy", str, "greedy | sample | beam"),
-    "--max-new-tokens": ("max_new_tokens", int, "stop after this many tokens"),
-    "--beam-size": ("beam_size", int, "beam search width"),
-    "--length-penalty": ("length_penalty", float, "beam: rank by log-prob / length ** this"),
-    "--temperature": ("temperature", float, "sample: logits / temperature"),
-    "--top-k": ("top_k", int, "sample: only the k likeliest tokens (0: all)"),
-    "--top-p": ("top_p", float, "sample: nucleus probability mass"),
-    "--seed": ("seed", int, "sample: random seed"),
-    "--batch-size": ("batch_size", int, "utterances decoded together"),
-}
+# Command-line flags of config fields, by help group: flag -> (field, type, help).
+CONFIG_FLAGS = {
+    "decoding (config fields decode.*)": {
+        "--strategy": ("decode.strategy", str, "greedy | sample | beam"),
+        "--max-new-tokens": ("decode.max_new_tokens", int, "stop after this many tokens"),
+        "--beam-size": ("decode.beam_size", int, "beam search width"),
+        "--length-penalty": ("decode.length_penalty", float,
+                             "beam: rank by log-prob / length ** this"),
+        "--temperature": ("decode.temperature", float, "sample: logits / temperature"),
+        "--top-k": ("decode.top_k", int, "sample: only the k likeliest tokens (0: all)"),
+        "--top-p": ("decode.top_p", float, "sample: nucleus probability mass"),
+        "--seed": ("decode.seed", int, "sample: random seed (with each sample's key)"),
+        "--batch-size": ("decode.batch_size", int, "utterances decoded together"),
+    },
+    "audio durations (config fields data.*; default: the checkpoint's)": {
+        "--min-duration": ("data.min_duration", float, "skip (and count) shorter audio, seconds"),
+        "--max-duration": ("data.max_duration", float, "skip (and count) longer audio, seconds"),
+    },
+}  # fmt: skip
 
 
 def _parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
@@ -60,9 +75,10 @@ def _parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser
     parser.add_argument(
         "--tensor-parallel", type=int, help="ranks decoding together (default: all ranks)"
     )
-    group = parser.add_argument_group("decoding (config fields decode.*)")
-    for flag, (name, kind, text) in DECODING_FLAGS.items():
-        group.add_argument(flag, dest=name, type=kind, help=text)
+    for title, flags in CONFIG_FLAGS.items():
+        group = parser.add_argument_group(title)
+        for flag, (name, kind, text) in flags.items():
+            group.add_argument(flag, dest=name, type=kind, help=text)
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides"
     )
@@ -74,8 +90,9 @@ def _start(args) -> tuple:
     world = int(os.environ.get("WORLD_SIZE", 1))
     tp = args.tensor_parallel or world
     overrides = [
-        f"decode.{name}={getattr(args, name)}"
-        for name, *_ in DECODING_FLAGS.values()
+        f"{name}={getattr(args, name)}"
+        for flags in CONFIG_FLAGS.values()
+        for name, *_ in flags.values()
         if getattr(args, name) is not None
     ] + list(args.set)
     cfg, path = prepare(args.checkpoint, tp, overrides)
@@ -97,10 +114,6 @@ def _run(main, prog: str) -> int:
             parallel.teardown()
 
 
-def _first_of_tp_group() -> bool:
-    return parallel_state.get_tensor_model_parallel_rank() == 0
-
-
 # ------------------------------------------------------------------------------------- eval
 
 
@@ -109,9 +122,12 @@ EVAL_EXAMPLE = """example:
   torchrun --nproc-per-node 2 -m salm_megatron.inference.commands eval --checkpoint runs/salm \\
       --data data/test/*.tar --out eval/test --strategy beam --beam-size 4
 
-writes OUT/predictions.jsonl (key, task, context, reference, prediction, duration) and
+writes OUT/predictions.jsonl (key, task, lang, context, reference, prediction, duration) and
 OUT/metrics.json; prints a table of WER/CER (asr tasks), BLEU (translation) and accuracy.
 Text is normalised before WER/CER/accuracy: NFKC, lowercase, punctuation removed, spaces folded.
+Audio outside data.min_duration..data.max_duration (the checkpoint's, or --min-duration and
+--max-duration) is skipped and counted; empty references are scored. A batch that fails is named
+in metrics.json and the log, the others are still decoded and written, and the exit code is 1.
 """
 
 
@@ -140,84 +156,70 @@ def eval_main(argv: list[str] | None = None) -> int:
 def _evaluate(args) -> int:
     shards = expand_shards(args.data)
     cfg, generator, tokenizer, path = _start(args)
-    dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    stream = SampleStream(
-        shards, sample_rate=cfg.encoder.features.sample_rate, dp_rank=dp_rank, dp_size=dp_size,
-        seed=0, shuffle=False, shuffle_buffer=0, default_task=cfg.data.default_task,
-        default_context=cfg.data.default_context,
-    )  # fmt: skip
+    stream = evaluation_stream(cfg, shards, parallel_state.get_data_parallel_rank(), dp_size)
     total = _count_samples(shards)
     rank0 = torch.distributed.get_rank() == 0
-    rows, batch, start, audio_seconds = [], [], time.time(), 0.0
+    start = time.time()
 
-    def flush():
-        nonlocal audio_seconds
-        prompts = [prompt_sample(raw, tokenizer, cfg.data.prompt_format, cfg.model.arch)
-                   for raw in batch]  # fmt: skip
-        for raw, tokens in zip(batch, generator.generate(prompts), strict=True):
-            rows.append({
-                "key": raw["key"], "task": raw.get("task") or "", "context": raw.get("context"),
-                "reference": raw["answer"], "prediction": generator.text(tokenizer, tokens),
-                "duration": round(raw["duration"], 3),
-            })  # fmt: skip
-            audio_seconds += raw["duration"]
-        batch.clear()
-        if rank0:
-            done = len(rows) * dp_size
-            elapsed = time.time() - start
-            of = f"/{total}" if total else ""
-            eta = f" | ETA {duration(elapsed / done * (total - done))}" if total else ""
-            log.info("decoded %d%s utterances | %.1f utt/s%s", done, of, done / elapsed, eta)
+    def progress(decoded: Decoded) -> None:
+        done = (len(decoded.rows) + decoded.failed_samples) * dp_size
+        if not (rank0 and done):
+            return
+        elapsed = time.time() - start
+        of = f"/{total}" if total else ""
+        eta = f" | ETA {duration(elapsed / done * max(total - done, 0))}" if total else ""
+        failed = f" | {decoded.failed_samples} failed" if decoded.failures else ""
+        log.info("decoded %d%s utterances | %.1f utt/s%s%s", done, of, done / elapsed, eta, failed)
 
-    for raw in stream:
-        if args.limit is not None and len(rows) + len(batch) >= args.limit:
-            break
-        batch.append(raw)
-        if len(batch) == cfg.decode.batch_size:
-            flush()
-    if batch:
-        flush()
+    decoded = decode_samples(stream, generator, tokenizer, cfg, limit=args.limit,
+                             progress=progress)  # fmt: skip
+    for failure in decoded.failures:
+        log.error("decoding %s failed: %s", ", ".join(failure["keys"]) or "-", failure["error"])
     elapsed = time.time() - start
-
-    # Every DP rank's rows (from its first TP rank) to rank 0.
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, rows if _first_of_tp_group() else [])
-    skipped = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(skipped, stream.stats)
-    if not rank0:
-        return 0
-    rows = sorted((r for part in gathered for r in part), key=lambda r: r["key"])
-    skipped_total: dict[str, int] = {}
-    for part in skipped:
-        for reason, count in part.items():
-            skipped_total[reason] = skipped_total.get(reason, 0) + count
-    if not rows:
-        counts = ", ".join(f"{reason} {n}" for reason, n in skipped_total.items() if n)
+    decoded, skipped = gather(decoded, stream.stats)  # every rank, even after failures
+    if not decoded.rows and not decoded.failures:
+        counts = ", ".join(f"{reason} {n}" for reason, n in skipped.items())
         raise ValueError(
             f"no sample could be decoded from {len(shards)} shard(s) (skipped: {counts or 'none'})"
         )
-    out = Path(args.out)
+    if rank0:
+        write_results(Path(args.out), decoded, skipped, cfg, path, args.data, elapsed)
+    if decoded.failures:
+        print(f"salm eval: error: {failure_message(decoded)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def write_results(out: Path, decoded: Decoded, skipped: dict, cfg, path, data, elapsed) -> None:
+    """predictions.jsonl and metrics.json (strict JSON), then the table."""
+    rows = decoded.rows
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     metrics = task_metrics(rows)
+    audio = sum(r["duration"] for r in rows)
     summary = {
         "checkpoint": str(path),
-        "data": args.data,
-        "metrics": metrics,
+        "data": data,
+        "metrics": metrics_json(metrics),
         "decode": cfg.to_dict()["decode"],
+        "duration_limits": {"min": cfg.data.min_duration, "max": cfg.data.max_duration},
         "utterances": len(rows),
-        "skipped_samples": {k: v for k, v in skipped_total.items() if v},
-        "audio_seconds": round(sum(r["duration"] for r in rows), 3),
+        "skipped_samples": skipped,
+        "failed_samples": decoded.failed_samples,
+        "failures": decoded.failures,
+        "audio_seconds": round(audio, 3),
         "decode_seconds": round(elapsed, 3),
-        "real_time_factor": round(elapsed / max(sum(r["duration"] for r in rows), 1e-9), 5),
+        "real_time_factor": round(elapsed / max(audio, 1e-9), 5),
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False)
+    (out / "metrics.json").write_text(text + "\n")
+    if skipped:
+        log.warning("skipped samples: %s", ", ".join(f"{r} {n}" for r, n in skipped.items()))
     print(format_table(metrics))
     print(f"predictions: {out / 'predictions.jsonl'}\nmetrics: {out / 'metrics.json'}")
-    return 0
 
 
 # ------------------------------------------------------------------------------- transcribe
@@ -261,9 +263,20 @@ def _transcribe(args) -> int:
                 print(f"salm transcribe: {err}", file=sys.stderr)
                 failed += 1
                 continue
+            problem = duration_problem(len(wave) / rate, cfg.data)
+            if problem:  # outside what the model was trained on (and Whisper takes)
+                print(f"salm transcribe: {audio_path}: skipped, {problem}", file=sys.stderr)
+                failed += 1
+                continue
             chunk.append(audio_path)
             samples.append(SpeechSample(ids, [0] * len(ids), [wave], key=audio_path))
-        for audio_path, tokens in zip(chunk, generator.generate(samples), strict=True):
+        try:
+            outputs = generator.generate(samples)
+        except Exception as err:  # noqa: BLE001 - named, counted, and the next files still run
+            print(f"salm transcribe: {', '.join(chunk)}: {describe(err)}", file=sys.stderr)
+            failed += len(chunk)
+            continue
+        for audio_path, tokens in zip(chunk, outputs, strict=True):
             if torch.distributed.get_rank() == 0:
                 print(f"{audio_path}\t{generator.text(tokenizer, tokens)}", flush=True)
     return 1 if failed else 0

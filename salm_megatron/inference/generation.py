@@ -13,6 +13,7 @@ logits, and each chosen token is broadcast from the group's first rank.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -55,10 +56,12 @@ class _Cached:
         self.context.sequence_len_offset += emb.shape[0]
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` of the cache (beam search: which hypotheses continue)."""
-        memory = self.context.key_value_memory_dict
-        for layer, (key, value) in memory.items():
-            memory[layer] = (key[:, index], value[:, index])
+        """Keep rows ``index`` of the cache (beam search: which hypotheses continue), in place and
+        over the positions filled so far: the buffers are sized for the whole decode."""
+        used, rows = self.context.sequence_len_offset, len(index)
+        for key, value in self.context.key_value_memory_dict.values():
+            key[:used, :rows] = key[:used, index]
+            value[:used, :rows] = value[:used, index]
         self.valid, self.logits = self.valid[index], self.logits[index]
         if self.state is not None:
             self.state.reorder(index)
@@ -195,7 +198,7 @@ class Generator:
 
     # ---------------------------------------------------------------------- greedy / sampling
 
-    def _choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, streams: list[torch.Generator]) -> torch.Tensor:
         d = self.decoding
         if d.strategy == "greedy":
             return logits.argmax(-1)
@@ -209,20 +212,38 @@ class Generator:
             above = probs.cumsum(-1) - probs  # mass of the likelier tokens; the first stays
             drop = torch.zeros_like(above, dtype=torch.bool).scatter(-1, order, above >= d.top_p)
             logits = logits.masked_fill(drop, -math.inf)
-        probs = logits.softmax(-1)
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+        probs = logits.softmax(-1).cpu()
+        drawn = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, streams, strict=True)]
+        return torch.cat(drawn).to(logits.device)
+
+    def _streams(self, samples: list[SpeechSample]) -> list[torch.Generator]:
+        """One random stream per sample, seeded from ``decode.seed`` and the sample's key (else
+        its prompt and audio), so what a sample draws depends on neither its batch nor its
+        position in it."""
+        if self.decoding.strategy != "sample":
+            return []
+        streams = []
+        for sample in samples:
+            digest = hashlib.sha256(f"{self.decoding.seed}|".encode())
+            if sample.key is not None:
+                digest.update(f"key|{sample.key}".encode())
+            else:
+                digest.update(f"prompt|{sample.input_ids}".encode())
+                for segment in sample.audio:
+                    digest.update(segment.detach().float().cpu().contiguous().numpy().tobytes())
+            seed = int.from_bytes(digest.digest()[:8], "little") & (2**63 - 1)
+            streams.append(torch.Generator().manual_seed(seed))
+        return streams
 
     def _one_path(self, samples, stepper) -> list[list[int]]:
         rows = stepper(self, samples, len(samples))
-        generator = None
-        if self.decoding.strategy == "sample":
-            generator = torch.Generator().manual_seed(self.decoding.seed)
+        streams = self._streams(samples)
         stops = torch.tensor(self.stop_ids, device=self.device)
         outputs = [[] for _ in samples]
         done = torch.zeros(len(samples), dtype=torch.bool, device=self.device)
         logits = rows.logits
         for step in range(self.decoding.max_new_tokens):
-            tokens = _same_on_tp_group(self._choose(logits, generator))
+            tokens = _same_on_tp_group(self._choose(logits, streams))
             for i in (~done).nonzero().flatten().tolist():
                 outputs[i].append(int(tokens[i]))
             done |= torch.isin(tokens, stops)

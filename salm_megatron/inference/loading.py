@@ -19,6 +19,7 @@ from ..config import Config, ConfigError, apply_overrides, config_from_dict
 from ..data.tokenizers import Tokenizer, load_tokenizer
 from ..models import build_speech_llm
 from ..training import checkpoint
+from ..training.data import check_tokenizer
 from .generation import Generator
 
 log = logging.getLogger("salm.inference")
@@ -63,9 +64,25 @@ def generation_config(cfg: Config, tensor_parallel: int, overrides: list[str]) -
     return dataclasses.replace(cfg, parallel=parallel, llm=llm)
 
 
-def load_model(cfg: Config, path: Path) -> torch.nn.Module:
-    """This rank's whole model (after ``parallel.initialize``) with the checkpoint's weights."""
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+# The dtype a model decodes in, by (train.precision, CUDA available): what it trained in on a GPU
+# ("auto" trains in bf16 there). On the CPU always fp32: bf16 is slower there, and bf16 weights
+# widen to fp32 exactly.
+DECODE_DTYPES = {
+    ("auto", True): torch.bfloat16, ("bf16", True): torch.bfloat16, ("fp32", True): torch.float32,
+    ("auto", False): torch.float32, ("bf16", False): torch.float32, ("fp32", False): torch.float32,
+}  # fmt: skip
+
+
+def decode_dtype(precision: str, cuda: bool) -> torch.dtype:
+    """The dtype to decode in for ``train.precision`` = ``precision`` (see DECODE_DTYPES)."""
+    return DECODE_DTYPES[precision, cuda]
+
+
+def load_model(cfg: Config, path: Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """This rank's whole model (after ``parallel.initialize``) with the checkpoint's weights, in
+    ``dtype`` (None: bf16 if ``train.precision`` is bf16, else fp32, as conversions read it)."""
+    if dtype is None:
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     (model,) = build_speech_llm(cfg, params_dtype=dtype)
     if torch.cuda.is_available():
         model.cuda()
@@ -95,6 +112,11 @@ def load_generator(
 ) -> tuple[Generator, Tokenizer]:
     """The model of checkpoint ``path`` as a generator, and its tokenizer (collective)."""
     tok = open_tokenizer(cfg, tokenizer)
-    model = load_model(cfg, path)
-    log.info("loaded %s (%s, TP=%d)", path, cfg.model.arch, cfg.parallel.tensor_model_parallel_size)
+    cfg = check_tokenizer(cfg, tok)  # the placeholder its prompts carry, as in training
+    dtype = decode_dtype(cfg.train.precision, torch.cuda.is_available())
+    model = load_model(cfg, path, dtype)
+    log.info(
+        "loaded %s (%s, TP=%d, %s)",
+        path, cfg.model.arch, cfg.parallel.tensor_model_parallel_size, str(dtype).split(".")[-1],
+    )  # fmt: skip
     return Generator.for_tokenizer(model, cfg.decode, tok, cfg.data.prompt_format), tok

@@ -4,25 +4,30 @@ Scores from different runs are only comparable if the text is normalised the sam
 CER and exact match all go through one documented :func:`normalize_text`. Error rates are
 corpus-level (total edits / total reference length), not a mean of per-utterance rates, so long
 utterances weigh what they should. BLEU is sacrebleu's corpus BLEU on the raw text, as usual for
-translation. :func:`task_metrics` picks the metrics that fit each task from its name.
+translation, each pair tokenized for its target language (:func:`bleu_tokenizer`).
+:func:`task_metrics` picks the metrics that fit each task from its name.
 
 Empty references: jiwer refuses them in some versions, so pairs with an empty side are counted
 here (every hypothesis unit against an empty reference is an insertion; every reference unit
 against an empty hypothesis is a deletion). With a total reference length of 0 the rate is 0.0
 when there are no edits and ``inf`` otherwise: anything said where nothing should be is
-unboundedly wrong, and a finite number would hide it.
+unboundedly wrong, and a finite number would hide it. JSON has no ``inf``: :func:`metrics_json`
+writes it as ``null`` with ``<name>_undefined`` saying why.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import jiwer
 import sacrebleu
+from sacrebleu.metrics import BLEU
 
 MetricKind = Literal["asr", "translation", "qa"]
 
@@ -129,12 +134,51 @@ def cer(references: Sequence[str], hypotheses: Sequence[str]) -> ErrorRate:
     return _error_rate(references, hypotheses, "char")
 
 
-def bleu(references: Sequence[str], hypotheses: Sequence[str]) -> float:
-    """Corpus BLEU (sacrebleu, tokenizer ``13a``, case-sensitive raw text), 0..100; 0.0 if empty."""
+# sacrebleu tokenizers for a target language (a sample's ``lang``: its ISO 639-1 code, a tag such
+# as zh-CN, or its English name), the first that can run: sacrebleu's own choices (zh, ja-mecab,
+# ko-mecab), with char for Japanese and 13a for Korean where MeCab is not installed (sacrebleu[ja]
+# and [ko] are not dependencies); char for scripts written without spaces. Anything else: 13a.
+BLEU_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    "zh": ("zh",), "chinese": ("zh",),
+    "ja": ("ja-mecab", "char"), "japanese": ("ja-mecab", "char"),
+    "ko": ("ko-mecab", "13a"), "korean": ("ko-mecab", "13a"),
+    "th": ("char",), "thai": ("char",), "lo": ("char",), "lao": ("char",),
+    "km": ("char",), "khmer": ("char",), "my": ("char",), "burmese": ("char",),
+}  # fmt: skip
+DEFAULT_BLEU_TOKENIZER = "13a"
+
+
+@functools.cache
+def _sacrebleu_tokenizer(name: str) -> Callable[[str], str] | None:
+    """sacrebleu's tokenizer ``name``, or None where its extra packages are missing."""
+    try:
+        return BLEU(tokenize=name).tokenizer
+    except (RuntimeError, ImportError):
+        return None
+
+
+def bleu_tokenizer(lang: str | None) -> str:
+    """The sacrebleu tokenizer BLEU uses for target language ``lang`` (see BLEU_TOKENIZERS)."""
+    name = (lang or "").strip().lower()
+    choices = BLEU_TOKENIZERS.get(name) or BLEU_TOKENIZERS.get(re.split(r"[-_\s]", name)[0], ())
+    return next((c for c in choices if _sacrebleu_tokenizer(c) is not None), DEFAULT_BLEU_TOKENIZER)
+
+
+def bleu(
+    references: Sequence[str], hypotheses: Sequence[str], langs: Sequence[str | None] | None = None
+) -> float:
+    """Corpus BLEU (sacrebleu, case-sensitive raw text), 0..100; 0.0 if empty. Each pair is
+    tokenized for its target language in ``langs`` (:func:`bleu_tokenizer`; none given: 13a), so
+    one corpus may mix languages."""
     _check_pairs(references, hypotheses)
+    langs = [None] * len(references) if langs is None else langs
+    _check_pairs(references, langs)
     if not references:
         return 0.0
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)], tokenize="13a").score)
+    tokenizers = [_sacrebleu_tokenizer(bleu_tokenizer(lang)) for lang in langs]
+    refs = [tok(r) for tok, r in zip(tokenizers, references, strict=True)]
+    hyps = [tok(h) for tok, h in zip(tokenizers, hypotheses, strict=True)]
+    return float(sacrebleu.corpus_bleu(hyps, [refs], tokenize="none").score)
 
 
 def exact_match(references: Sequence[str], hypotheses: Sequence[str]) -> float:
@@ -168,19 +212,21 @@ def task_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
     Each row has ``task``, ``reference`` and ``prediction``. Every task gets ``count`` and
     ``accuracy`` (exact match, 0..1); ASR-like tasks add ``wer`` and ``cer`` (rates, 0..1 or
-    ``inf``), translation tasks ``bleu`` (0..100). ``"overall"`` has ``count``, ``accuracy`` over
-    all rows and, if any row is ASR-like, ``wer`` over those rows.
+    ``inf``), translation tasks ``bleu`` (0..100, each row tokenized for its optional ``lang``) and
+    ``bleu_tokenize`` (the sacrebleu tokenizers used, comma-separated). ``"overall"`` has
+    ``count``, ``accuracy`` over all rows and, if any row is ASR-like, ``wer`` over those rows.
     """
-    grouped: dict[str, tuple[list[str], list[str]]] = {}
+    grouped: dict[str, tuple[list[str], list[str], list[str | None]]] = {}
     for row in rows:
-        refs, hyps = grouped.setdefault(str(row["task"]), ([], []))
+        refs, hyps, langs = grouped.setdefault(str(row["task"]), ([], [], []))
         refs.append(row["reference"])
         hyps.append(row["prediction"])
+        langs.append(row.get("lang"))
 
     result: dict[str, dict[str, Any]] = {}
     asr_refs: list[str] = []
     asr_hyps: list[str] = []
-    for task, (refs, hyps) in grouped.items():
+    for task, (refs, hyps, langs) in grouped.items():
         entry: dict[str, Any] = {"count": len(refs)}
         kind = metric_kind(task)
         if kind == "asr":
@@ -189,7 +235,8 @@ def task_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             asr_refs += refs
             asr_hyps += hyps
         elif kind == "translation":
-            entry["bleu"] = bleu(refs, hyps)
+            entry["bleu"] = bleu(refs, hyps, langs)
+            entry["bleu_tokenize"] = ",".join(sorted({bleu_tokenizer(lang) for lang in langs}))
         entry["accuracy"] = exact_match(refs, hyps)
         result[task] = entry
 
@@ -201,6 +248,25 @@ def task_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     )
     result["overall"] = overall
     return result
+
+
+UNDEFINED_RATE = (
+    "infinite: the references are empty (after normalisation) but the predictions are not"
+)
+
+
+def metrics_json(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """:func:`task_metrics`' output as strict JSON: an infinite rate becomes ``null``, and
+    ``<name>_undefined`` beside it says why (``json.dumps`` would write ``Infinity``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for task, entry in metrics.items():
+        out[task] = {}
+        for key, value in entry.items():
+            finite = not isinstance(value, float) or math.isfinite(value)
+            out[task][key] = value if finite else None
+            if not finite:
+                out[task][f"{key}_undefined"] = UNDEFINED_RATE
+    return out
 
 
 # (key in task_metrics' entries, column title), in table order.

@@ -151,10 +151,12 @@ class LoRALinear(MegatronModule):
     @torch.no_grad()
     def merged(self) -> torch.nn.Module:
         """The base with ``scale * B A`` folded into this rank's shard of its weight (both
-        factors are split so that ``B_local @ A_local`` is exactly that shard's update)."""
+        factors are split so that ``B_local @ A_local`` is exactly that shard's update). The sum
+        is taken in fp32 for this one tensor and rounded once to the weight's dtype, which the
+        weight keeps (a bf16 model merges in bf16 memory)."""
         weight = self.base.weight
-        update = self.lora_b.weight.double() @ self.lora_a.weight.double()
-        weight.add_((self.scale * update).to(weight.dtype))
+        a, b = self.lora_a.weight.float(), self.lora_b.weight.float()
+        weight.copy_(torch.addmm(weight.float(), b, a, alpha=self.scale))
         if self.norm_fused:
             self.base.return_layernorm_output = False
         return self.base
@@ -225,8 +227,8 @@ def adapter_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 @torch.no_grad()
 def merge_lora(model: torch.nn.Module) -> None:
     """Fold every adapter into its base weight in place (``W += alpha / rank * B A`` on each TP
-    shard) and put the plain base linears back: the model is then a plain LLM again, with the
-    same parameters, keys and outputs (up to rounding)."""
+    shard, in the weight's dtype) and put the plain base linears back: the model is then a plain
+    LLM again, with the same parameters, keys and outputs (up to rounding)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):

@@ -20,6 +20,7 @@ so later stages never hold the encoder.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -34,6 +35,34 @@ from ..config import Config
 from ..llm import build_llm, vocab_parallel_hits
 from .audio_split import gather_lengths, gather_segments, tp_share
 from .lora import adapter_parameters, apply_lora
+
+# The parts each model.freeze_* switch freezes (the CTC head is the encoder's auxiliary head).
+FROZEN_BY = {
+    "llm": "freeze_llm",
+    "audio.encoder": "freeze_encoder",
+    "audio.adapter": "freeze_adapter",
+    "ctc": "freeze_encoder",
+}
+
+
+def _submodule(module: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module):
+    """``module`` in eval mode for the block; after it every submodule is back in its own mode
+    (``module.train()`` would also put frozen parts into training mode)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class AudioPath(torch.nn.Module):
@@ -195,21 +224,32 @@ class SpeechLLM(MegatronModule):
             if cfg.model.ctc_weight:
                 self.ctc = CTCHead(cfg.encoder.d_model, cfg.llm.vocab_size).to(params_dtype)
         self.ctc_loss_sum = 0.0  # this step's CTC loss so far (reporting), reset by the trainer
-        self._freeze()
+        self.eval_parts = self._freeze()
+        self.train(self.training)
 
-    def _freeze(self):
-        frozen = {
-            "llm": self.cfg.model.freeze_llm,
-            "audio.encoder": self.cfg.model.freeze_encoder,
-            "audio.adapter": self.cfg.model.freeze_adapter,
-            "ctc": self.cfg.model.freeze_encoder,  # the encoder's auxiliary head
-        }
-        adapters = {id(p) for p in adapter_parameters(self.llm)}  # LoRA trains on a frozen LLM
+    def _freeze(self) -> list[str]:
+        """Clear ``requires_grad`` of the frozen parts (LoRA adapters on a frozen LLM still
+        train); returns the frozen parts in which nothing trains, which stay in eval mode."""
+        frozen = [prefix for prefix, switch in FROZEN_BY.items() if getattr(self.cfg.model, switch)]
+        adapters = {id(p) for p in adapter_parameters(self.llm)}
         for name, param in self.named_parameters():
-            if id(param) in adapters:
-                continue
-            if any(name.startswith(prefix + ".") and on for prefix, on in frozen.items()):
+            if id(param) not in adapters and name.startswith(tuple(p + "." for p in frozen)):
                 param.requires_grad_(False)
+        eval_parts = []
+        for prefix in frozen:
+            part = _submodule(self, prefix)  # None where absent (no audio path after stage 0)
+            if part is not None and not any(q.requires_grad for q in part.parameters()):
+                eval_parts.append(prefix)
+        return eval_parts
+
+    def train(self, mode: bool = True):
+        """As ``nn.Module.train``, but the frozen parts stay in eval mode: a frozen encoder's
+        BatchNorm keeps its pretrained running statistics and its dropout stays off, also when
+        the training loop calls ``train()`` after validation."""
+        super().train(mode)
+        for prefix in self.eval_parts:
+            self.get_submodule(prefix).eval()
+        return self
 
     # What Megatron's schedules and finalize_model_grads look up on a model chunk.
 
@@ -298,12 +338,8 @@ class SpeechLLM(MegatronModule):
             1, sample_rate // 10, device=self.llm.embedding.word_embeddings.weight.device
         )
         # In eval mode, so the silence leaves BatchNorm's running statistics alone.
-        was_training = self.audio.training
-        self.audio.eval()
-        try:
+        with evaluating(self.audio):
             emb, _ = self.audio(silence, torch.tensor([silence.shape[1]], device=silence.device))
-        finally:
-            self.audio.train(was_training)
         empty = emb[:0]
         return empty, torch.zeros(0, dtype=torch.long, device=emb.device), emb.sum() * 0.0
 

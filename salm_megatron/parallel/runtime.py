@@ -92,10 +92,15 @@ def set_seed(seed: int) -> None:
 
 def max_over_ranks(value: int, group=None) -> int:
     """The largest ``value`` of the ranks of ``group`` (default: all), so that they agree."""
+    return maxima_over_ranks([value], group)[0]
+
+
+def maxima_over_ranks(values: list[int], group=None) -> list[int]:
+    """Each of ``values``' largest over the ranks of ``group``, in one all-reduce."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL needs CUDA tensors
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return int(tensor.item())
+    return tensor.tolist()
 
 
 def is_initialized() -> bool:

@@ -6,13 +6,20 @@
       (dist_checkpointing)    model chunks + optimizer, resharded on load; ``common.pt`` holds
                               the step, counters, LR schedule and resolved config
       ranks/rank00003.pt      that rank's RNG and data-iterator state, with its coordinates
+      write_order             N: the N-th checkpoint completed in this folder
     latest                    name of the newest complete checkpoint (replaced atomically)
     .step_0000300.tmp/        being written; renamed to step_0000300 once every rank finished
 
 A reader trusts only renamed folders, so a kill at any moment leaves the previous checkpoint as
-the newest. RNG and data state are per rank: they are restored when the data-parallel size is
-the same (data state is keyed by DP rank; RNG needs the very same layout, else it is reseeded
-from the seed and step, with a warning).
+the newest. "Newest" is by write order, not step: a folder may hold higher steps than the run
+now writing (a resume from ``latest`` after a crash between the rename and ``latest``; folders
+from before write orders were recorded, which count as older than any recorded, by step), and
+``checkpoint.keep`` prunes the longest completed, never the one just written.
+
+RNG and data state are per rank: they are restored when the data-parallel size is the same (data
+state is keyed by DP rank; RNG needs the very same layout, else it is reseeded from the seed and
+step, with a warning). Each rank also records the data settings its stream depends on
+(``compatible.data_settings``), which a resume checks first.
 
 Frozen parts that a pretrained checkpoint provides (``model.freeze_llm`` with
 ``checkpoint.pretrained_llm``, ``freeze_encoder`` with ``pretrained_encoder``) are left out: their
@@ -50,19 +57,36 @@ log = logging.getLogger("salm.checkpoint")
 
 _NAME = re.compile(r"^step_(\d{7,})$")
 LATEST = "latest"
+WRITE_ORDER = "write_order"
 FORMAT = "salm-megatron/1"
+# What a run writes to its train.output_dir, set aside together by checkpoint.start_over.
+RUN_OUTPUTS = ("checkpoints", "config.yaml", "metrics.jsonl", "tensorboard", "sample_keys")
+EARLIER_RUN = "old-run-{}"
 
 
 def step_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
+def write_order(path: Path) -> int:
+    """The place of checkpoint ``path`` in the order its folder's checkpoints were completed
+    (0: completed before the order was recorded)."""
+    marker = path / WRITE_ORDER
+    if not marker.is_file():
+        return 0
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{marker} holds {text!r}, not a write order (a whole number)")
+    return int(text)
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first (temporary folders never match)."""
+    """Complete checkpoints under ``root``, oldest first by write order, then step (temporary
+    folders never match)."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=lambda p: (write_order(p), int(_NAME.match(p.name).group(1))))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -306,20 +330,54 @@ def save(
 
 
 def _complete(root: Path, step: int, keep: int | None) -> None:
-    """Every rank has written its part: rename the folder complete, point ``latest`` at it,
-    drop the oldest beyond ``keep`` (collective)."""
+    """Every rank has written its part: number the folder in write order, rename it complete,
+    point ``latest`` at it, prune beyond ``keep`` (collective)."""
     fault_point("checkpoint", step)
     final, tmp = root / step_name(step), root / f".{step_name(step)}.tmp"
     if dist.get_rank() == 0:
+        order = 1 + max(map(write_order, complete_checkpoints(root)), default=0)
+        _write_atomically(tmp / WRITE_ORDER, f"{order}\n".encode())
         if final.exists():  # the same step saved before a crash and resume: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_atomically(root / LATEST, final.name.encode())
         if keep is not None:
-            for old in complete_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune(root, keep, final)
         log.info("checkpoint %s complete", final)
     dist.barrier()
+
+
+def prune(root: Path, keep: int, written: Path) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints by write order: ``written``, the one just
+    completed, is always kept, whatever its step. Returns the deleted folders."""
+    older = [p for p in complete_checkpoints(root) if p != written]
+    deleted = older[: max(len(older) - (keep - 1), 0)]
+    for old in deleted:
+        shutil.rmtree(old, ignore_errors=True)
+    return deleted
+
+
+def set_aside_earlier_run(output_dir: Path) -> Path | None:
+    """``checkpoint.start_over``: move what an earlier run wrote to ``output_dir``
+    (:data:`RUN_OUTPUTS`) into ``output_dir/old-run-N`` (the first N free), deleting nothing, so
+    that a new run starts there clean. Returns that folder on rank 0 (None elsewhere, or when
+    there is nothing to move). Collective: rank 0 moves, every rank waits for it."""
+    found = [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    moved_to = None
+    if found and dist.get_rank() == 0:
+        n = 1
+        while (output_dir / EARLIER_RUN.format(n)).exists():
+            n += 1
+        moved_to = output_dir / EARLIER_RUN.format(n)
+        moved_to.mkdir()
+        for path in found:
+            os.replace(path, moved_to / path.name)
+        log.warning(
+            "checkpoint.start_over: moved the earlier run's %s to %s",
+            ", ".join(p.name for p in found), moved_to,
+        )  # fmt: skip
+    dist.barrier()
+    return moved_to
 
 
 @contextlib.contextmanager
@@ -368,10 +426,10 @@ def _torch_adam_loading(optimizer):
                     state["step"] = state["step"].clone()
 
 
-def load(path: Path, chunks: list[torch.nn.Module], optimizer) -> tuple[dict, dict | None]:
-    """Load model and optimizer (resharded to this layout); returns the common state and this
-    rank's own saved state when the data-parallel layout allows (else None). The parts the
-    checkpoint left out (:func:`left_out`) must be loaded from their pretrained checkpoints."""
+def load(path: Path, chunks: list[torch.nn.Module], optimizer) -> dict:
+    """Load model and optimizer (resharded to this layout); returns the common state (this
+    rank's own saved state: :func:`own_rank_state`). The parts the checkpoint left out
+    (:func:`left_out`) must be loaded from their pretrained checkpoints."""
     common = {"format": FORMAT}
     with _torch_adam_loading(optimizer):
         sharded, dropped = _sharded(chunks, optimizer, common, loading=True, left=left_out(path))
@@ -382,7 +440,7 @@ def load(path: Path, chunks: list[torch.nn.Module], optimizer) -> tuple[dict, di
             _load_state(chunk, state[f"model{i}"], dropped[i], path)
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
-    return state["common"], _own_rank_state(path)
+    return state["common"]
 
 
 def load_weights(cfg, path: Path, chunks: list[torch.nn.Module]) -> None:
@@ -402,9 +460,9 @@ def _load_state(module: torch.nn.Module, state: dict, absent: set[str], path) ->
         )
 
 
-def _own_rank_state(path: Path) -> dict | None:
-    """This rank's saved state when the layout is the same; else a DP rank's state with RNG
-    dropped when only TP/PP changed; else None."""
+def own_rank_state(path: Path) -> dict | None:
+    """This rank's saved RNG and data state when the layout is the same; else a DP rank's
+    state with RNG dropped when only TP/PP changed; else (another DP size) None."""
     here, where = layout(), coordinates()
     rank_file = path / "ranks" / f"rank{dist.get_rank():05d}.pt"
     if rank_file.is_file():

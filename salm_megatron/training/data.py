@@ -1,40 +1,72 @@
 """Each step's micro-batches for this rank: read on the first and last pipeline stages only.
 
 Every rank of one data-parallel rank's model (its TP ranks, first and last PP stages) reads the
-same samples, so nothing is broadcast. Stages in between read nothing; the step's sequence length
-(the one shape every micro-batch is padded to) reaches them through a max-all-reduce over the
-pipeline group.
+same samples, so nothing is broadcast. Stages in between read nothing; the step's shape (sequence
+length, micro-batches and their size) reaches them through a max-all-reduce over the pipeline
+group.
+
+Training reads ``data.train_shards`` (one dataset, or a weighted mix of several) without end;
+validation makes one pass over ``data.valid_shards``: each sample once, nothing dropped, and a
+DP rank whose share has ended gets steps of no micro-batches (it still joins the sums).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megatron.core import parallel_state
 
 from ..config import Config, ConfigError
-from ..data import collate
-from ..data.batching import BucketBatcher, GlobalBatches, llm_sequence_length, token_cost
+from ..data import batching, collate, loader
+from ..data.batching import (
+    BucketBatcher,
+    GlobalBatches,
+    WeightedMix,
+    llm_sequence_length,
+    token_cost,
+)
 from ..data.loader import LoadedStream, SampleStream
 from ..data.samples import Mapped, make_sample
 from ..data.tokenizers import Tokenizer
-from ..parallel import max_over_ranks
+from ..parallel import maxima_over_ranks
+
+SKIP_REASONS = (*loader.SKIP_REASONS, *batching.SKIP_REASONS)  # what `skipped` counts
 
 
-def check_tokenizer(cfg: Config, tokenizer: Tokenizer) -> None:
-    """The LLM's embedding must hold every id the tokenizer makes (and SALM's placeholder)."""
-    if tokenizer.vocab_size > cfg.llm.vocab_size:
+def check_tokenizer(cfg: Config, tokenizer: Tokenizer) -> Config:
+    """``cfg`` with SALM's ``model.audio_token_id`` set to the tokenizer's placeholder (what null
+    means), once the LLM's vocabulary holds every id text makes and its embedding a row for the
+    placeholder. BESTOW prompts carry no placeholder."""
+    llm, path = cfg.llm, tokenizer.path
+    if tokenizer.base_vocab_size > llm.vocab_size:
         raise ConfigError(
-            f"tokenizer {tokenizer.path} uses ids up to {tokenizer.vocab_size - 1} (audio "
-            f"placeholder included) but llm.vocab_size={cfg.llm.vocab_size}"
+            f"tokenizer {path} has {tokenizer.base_vocab_size} tokens but llm.vocab_size="
+            f"{llm.vocab_size}: the LLM has no embedding row for ids {llm.vocab_size} and up"
         )
-    if cfg.model.arch == "salm" and tokenizer.audio_token_id != cfg.placeholder_id:
+    if cfg.model.arch != "salm":
+        return cfg
+    placeholder, given = tokenizer.audio_token_id, cfg.model.audio_token_id
+    if given is not None and given != placeholder:
         raise ConfigError(
-            f"tokenizer {tokenizer.path} has the audio placeholder at id "
-            f"{tokenizer.audio_token_id}, the model expects model.audio_token_id="
-            f"{cfg.placeholder_id}; set model.audio_token_id={tokenizer.audio_token_id}"
+            f"model.audio_token_id={given}, but tokenizer {path} places the audio placeholder at "
+            f"{placeholder} ({tokenizer.audio_token_origin}); set model.audio_token_id=null"
         )
+    rows = llm.padded_vocab_size
+    if placeholder >= rows:
+        if cfg.checkpoint.pretrained_llm or cfg.checkpoint.pretrained_model:
+            fix = (
+                "convert the LLM with `salm convert hf-to-mcore`, which adds the row, and train "
+                "with the llm.vocab_size of its llm.yaml"
+            )
+        else:
+            fix = f"set llm.vocab_size={placeholder + 1}"
+        raise ConfigError(
+            f"the LLM's embedding has no row for the audio placeholder of tokenizer {path}: it "
+            f"goes at id {placeholder} ({tokenizer.audio_token_origin}), but llm.vocab_size="
+            f"{llm.vocab_size} has {rows} rows; {fix}"
+        )
+    return replace(cfg, model=replace(cfg.model, audio_token_id=placeholder))
 
 
 def reads_data() -> bool:
@@ -54,89 +86,120 @@ class Step:
     samples: int = 0
     llm_tokens: int = 0  # unpadded positions in the LLM's sequence
     audio_seconds: float = 0.0
+    count: int = 0  # micro-batches (0: this DP rank's validation pass has ended)
+    micro_batch_size: int = 0  # samples in each (the stages exchange one shape)
 
 
 class StepBatches:
-    """Steps of ``num_microbatches`` micro-batches from webdataset shards; resumable exactly.
+    """Steps of ``train.num_microbatches`` micro-batches, for training (resumable exactly) or
+    validation (one pass; the last step may hold fewer micro-batches, and the stages' one shape
+    may end a step early).
 
-    ``state_dict`` covers exactly the steps handed out (load it before iterating).
+    ``state_dict`` covers exactly the training steps handed out (load it before iterating).
     """
 
-    def __init__(
-        self,
-        cfg: Config,
-        tokenizer: Tokenizer,
-        shards: str,
-        pad_multiple: int,
-        *,
-        train: bool,
-        seed: int,
-    ):
+    def __init__(self, cfg: Config, tokenizer: Tokenizer, pad_multiple: int, *, train: bool):
         data = cfg.data
-        self.cfg, self.pad_id = cfg, tokenizer.pad_id
+        self.cfg, self.pad_id, self.train = cfg, tokenizer.pad_id, train
         self.sample_rate = cfg.encoder.features.sample_rate
         self.length = llm_sequence_length(cfg)
+        self.pipeline = parallel_state.get_pipeline_model_parallel_world_size()
         self.groups = None
+        self.streams: list[SampleStream] = []
         if reads_data():
-            self.stream = SampleStream(
-                shards,
-                sample_rate=self.sample_rate,
-                dp_rank=parallel_state.get_data_parallel_rank(),
-                dp_size=parallel_state.get_data_parallel_world_size(),
-                seed=seed,
-                shuffle=train,
-                shuffle_buffer=data.shuffle_buffer if train else 0,
-                min_duration=data.min_duration,
-                max_duration=data.max_duration,
-                default_task=data.default_task,
-                default_context=data.default_context,
-                repeat=True,
-            )
-            samples = Mapped(
-                LoadedStream(self.stream, num_workers=data.num_workers),
-                lambda raw: make_sample(raw, tokenizer, data.prompt_format, cfg.model.arch),
+            datasets = data.train_datasets if train else [(data.valid_shards, 1.0)]
+            sources = [self._samples(tokenizer, shards) for shards, _ in datasets]
+            source = (
+                sources[0]
+                if len(sources) == 1
+                else WeightedMix(sources, [w for _, w in datasets], seed=cfg.seed)
             )
             size = (
                 {"max_tokens": data.max_tokens}
                 if data.max_tokens is not None
                 else {"batch_size": data.micro_batch_size}
             )
-            batcher = BucketBatcher(
-                samples,
+            self.batcher = BucketBatcher(
+                source,
                 token_cost(cfg),
                 window=data.bucket_window if train else data.micro_batch_size,
-                seed=seed,
+                seed=cfg.seed,
                 **size,
             )
             self.groups = GlobalBatches(
-                batcher, cfg.train.num_microbatches, self.length, multiple=pad_multiple
-            )
+                self.batcher, cfg.train.num_microbatches, self.length, multiple=pad_multiple,
+                drop_last=train, one_size=not train and self.pipeline > 1,
+            )  # fmt: skip
         self._iterator: Iterator | None = None
+
+    def _samples(self, tokenizer: Tokenizer, shards: str) -> Mapped:
+        """Tokenized samples of one dataset, read by ``data.num_workers`` workers."""
+        cfg, data, train = self.cfg, self.cfg.data, self.train
+        stream = SampleStream(
+            shards,
+            sample_rate=self.sample_rate,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(),
+            seed=cfg.seed,
+            shuffle=train,
+            shuffle_buffer=data.shuffle_buffer if train else 0,
+            min_duration=data.min_duration,
+            max_duration=data.max_duration,
+            default_task=data.default_task,
+            default_context=data.default_context,
+            repeat=train,
+        )
+        self.streams.append(stream)
+        return Mapped(
+            LoadedStream(stream, num_workers=data.num_workers),
+            lambda raw: make_sample(raw, tokenizer, data.prompt_format, cfg.model.arch),
+        )
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Samples the loader skipped, by reason (this rank's stream)."""
-        return self.stream.stats if self.groups is not None else {}
+        """Samples skipped by the loader and the batcher, by reason (this rank's streams)."""
+        if self.groups is None:
+            return {}
+        total = dict(self.batcher.skipped)
+        for stream in self.streams:
+            for reason, count in stream.stats.items():
+                total[reason] = total.get(reason, 0) + count
+        return total
+
+    def _step(self, group: list[list], length: int) -> Step:
+        sizes = sorted({len(microbatch) for microbatch in group})
+        if len(sizes) > 1 and self.pipeline > 1:
+            raise ValueError(
+                f"a step's micro-batches hold {sizes} samples, but the "
+                f"{self.pipeline} pipeline stages exchange one shape: make data.bucket_window "
+                "a multiple of data.micro_batch_size and no longer than a data-parallel rank's "
+                "share of the data"
+            )
+        samples = [s for microbatch in group for s in microbatch]
+        return Step(
+            [collate(microbatch, self.pad_id) for microbatch in group],
+            length,
+            [s.key for s in samples],
+            samples=len(samples),
+            llm_tokens=sum(self.length(s) for s in samples),
+            audio_seconds=sum(len(w) for s in samples for w in s.audio) / self.sample_rate,
+            count=len(group),
+            micro_batch_size=sizes[-1],
+        )
 
     def __next__(self) -> Step:
-        if self.groups is None:
-            step = Step(None, 0, [])
-        else:
+        step = Step(None, 0, [])
+        if self.groups is not None:
             if self._iterator is None:
                 self._iterator = iter(self.groups)
-            group, length = next(self._iterator)
-            samples = [s for microbatch in group for s in microbatch]
-            step = Step(
-                [collate(microbatch, self.pad_id) for microbatch in group],
-                length,
-                [s.key for s in samples],
-                samples=len(samples),
-                llm_tokens=sum(self.length(s) for s in samples),
-                audio_seconds=sum(len(w) for s in samples for w in s.audio) / self.sample_rate,
-            )
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            step.sequence_length = max_over_ranks(
-                step.sequence_length, parallel_state.get_pipeline_model_parallel_group()
+            # training's stream has no end; validation's pass does (then: no micro-batches)
+            group = next(self._iterator) if self.train else next(self._iterator, None)
+            if group is not None:
+                step = self._step(*group)
+        if self.pipeline > 1:
+            step.sequence_length, step.count, step.micro_batch_size = maxima_over_ranks(
+                [step.sequence_length, step.count, step.micro_batch_size],
+                parallel_state.get_pipeline_model_parallel_group(),
             )
         return step
 

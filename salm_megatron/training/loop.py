@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import logging
 import signal
@@ -27,16 +26,16 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from .. import parallel
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, absolute_paths
 from ..data import load_tokenizer
-from ..data.loader import SKIP_REASONS, SampleStream, expand_shards
-from ..data.samples import prompt_sample
+from ..data.loader import expand_shards
+from ..inference.evaluation import decode_samples, evaluation_stream, failure_message, gather
 from ..inference.generation import Generator
-from ..inference.metrics import task_metrics
+from ..inference.metrics import metrics_json, task_metrics
 from ..models import build_speech_llm
-from . import checkpoint
-from .compatible import check_same_model
-from .data import StepBatches, check_tokenizer
+from . import checkpoint, compatible
+from .compatible import check_same_data, check_same_model
+from .data import SKIP_REASONS, StepBatches, check_tokenizer
 from .optimizer import (
     average_batchnorm_statistics,
     build_optimizer,
@@ -91,17 +90,23 @@ def check_training_config(cfg: Config) -> None:
             raise ConfigError(f"data.{name} is required for training")
     if cfg.train.eval_interval is not None and cfg.data.valid_shards is None:
         raise ConfigError(f"train.eval_interval={cfg.train.eval_interval} needs data.valid_shards")
-    for name in ("train_shards", "valid_shards"):
-        if getattr(cfg.data, name) is not None:
+    if isinstance(cfg.data.train_shards, str):
+        patterns = {"data.train_shards": cfg.data.train_shards}
+    else:  # a weighted mix: each entry named
+        patterns = {
+            f"data.train_shards[{i}].shards": shards
+            for i, (shards, _) in enumerate(cfg.data.train_datasets)
+        }
+    patterns["data.valid_shards"] = cfg.data.valid_shards
+    for name, pattern in patterns.items():
+        if pattern is not None:
             try:
-                expand_shards(getattr(cfg.data, name))
+                expand_shards(pattern)
             except (FileNotFoundError, ValueError) as err:
-                raise ConfigError(f"data.{name}: {err}") from None
+                raise ConfigError(f"{name}: {err}") from None
     if not Path(cfg.data.tokenizer).exists():
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} does not exist")
-    resuming = cfg.checkpoint.resume and checkpoint.complete_checkpoints(
-        Path(cfg.train.output_dir) / "checkpoints"
-    )
+    resuming = check_earlier_run(cfg)
     for name in () if resuming else ("pretrained_llm", "pretrained_encoder", "pretrained_model"):
         path = getattr(cfg.checkpoint, name)
         if path is not None:
@@ -116,6 +121,25 @@ def check_training_config(cfg: Config) -> None:
             f"{layout.pipeline_model_parallel_size}, parallel.sequence_parallel="
             f"{layout.sequence_parallel}; set it to 0 and score checkpoints with `salm eval`"
         )
+
+
+def check_earlier_run(cfg: Config) -> bool:
+    """Whether the run resumes from checkpoints in its ``train.output_dir``. A run that would
+    not, over checkpoints there, is refused unless ``checkpoint.start_over`` sets them aside:
+    its own checkpoints would be pruned among them and resume would mix the two runs."""
+    root = Path(cfg.train.output_dir) / "checkpoints"
+    found = checkpoint.complete_checkpoints(root)
+    if not found or cfg.checkpoint.start_over:
+        return False
+    if not cfg.checkpoint.resume:
+        names = ", ".join(p.name for p in found[-3:])
+        raise ConfigError(
+            f"checkpoint.resume=false, but {root} holds checkpoints of an earlier run ({names}): "
+            "set checkpoint.start_over=true to move that run's outputs aside (into "
+            f"{Path(cfg.train.output_dir) / checkpoint.EARLIER_RUN.format('N')}) and start over, "
+            "resume it (checkpoint.resume=true), or train in another train.output_dir"
+        )
+    return True
 
 
 def params_dtype(cfg: Config) -> torch.dtype:
@@ -159,7 +183,7 @@ class Trainer:
             self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         except ValueError as err:  # not a tokenizer: the message names the file
             raise ConfigError(f"data.tokenizer: {err}") from None
-        check_tokenizer(cfg, self.tokenizer)
+        self.cfg = cfg = check_tokenizer(cfg, self.tokenizer)  # null audio_token_id filled in
         self.dtype = params_dtype(cfg)
 
         self.chunks = build_speech_llm(cfg, params_dtype=self.dtype)
@@ -167,9 +191,10 @@ class Trainer:
             for chunk in self.chunks:
                 chunk.cuda()
         self.pad_multiple = self.chunks[0].pad_multiple
-        resume_from = checkpoint.latest_checkpoint(self.checkpoints)
-        if not cfg.checkpoint.resume:
-            resume_from = None
+        if cfg.checkpoint.start_over:
+            checkpoint.set_aside_earlier_run(self.output_dir)
+        resuming = check_earlier_run(cfg)
+        resume_from = checkpoint.latest_checkpoint(self.checkpoints) if resuming else None
         if resume_from is None:
             checkpoint.load_pretrained_parts(cfg, self.chunks)
         else:  # the frozen parts it left out (a LoRA run's LLM) come from pretrained ones
@@ -178,10 +203,7 @@ class Trainer:
             checkpoint.load_pretrained_parts(cfg, self.chunks, left_out, needed_by=resume_from)
         self.model = wrap_ddp(cfg, self.chunks)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
-        self.data = StepBatches(
-            cfg, self.tokenizer, cfg.data.train_shards, self.pad_multiple,
-            train=True, seed=cfg.seed,
-        )  # fmt: skip
+        self.data = StepBatches(cfg, self.tokenizer, self.pad_multiple, train=True)
         self.step, self.samples, self.skipped_steps = 0, 0, 0
         self.async_queue = AsyncCallsQueue() if cfg.checkpoint.async_save else None
         if resume_from is not None:
@@ -189,11 +211,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------- checkpoints
 
+    @functools.cached_property
+    def data_settings(self) -> dict | None:
+        """What decides the samples this rank's training steps read (recorded, then checked on
+        resume)."""
+        return compatible.data_settings(self.cfg, self.tokenizer, self.data.streams)
+
     def _resume(self, path: Path) -> None:
-        common, own = checkpoint.load(path, self.chunks, self.optimizer)
-        self.scheduler.load_state_dict(common["scheduler"])
-        self.step = common["step"]
-        self.samples, self.skipped_steps = common["samples"], common["skipped_steps"]
+        """Continue from checkpoint ``path``: its data stream first (refused before anything
+        loads when this run would read the data otherwise), then model, optimizer, counters."""
+        own = checkpoint.own_rank_state(path)
         if own is None:
             raise TrainingError(
                 f"{path} was saved with data-parallel size {self._saved_dp(path)}, this run has "
@@ -201,6 +228,11 @@ class Trainer:
                 "continue where it stopped (keep the data-parallel size, or start a new run "
                 "from it with checkpoint.pretrained_*)"
             )
+        check_same_data(path, own.get("data_settings"), self.data_settings)
+        common = checkpoint.load(path, self.chunks, self.optimizer)
+        self.scheduler.load_state_dict(common["scheduler"])
+        self.step = common["step"]
+        self.samples, self.skipped_steps = common["samples"], common["skipped_steps"]
         self.data.load_state_dict(own.get("data"))
         if "rng" in own:
             checkpoint.set_rng_state(own["rng"])
@@ -227,7 +259,8 @@ class Trainer:
             self.async_queue.maybe_finalize_async_calls(blocking=True)
         path = checkpoint.save(
             self.checkpoints, self.step, self.chunks, self.optimizer, common,
-            {"data": self.data.state_dict()}, self.cfg.checkpoint.keep, self.async_queue,
+            {"data": self.data.state_dict(), "data_settings": self.data_settings},
+            self.cfg.checkpoint.keep, self.async_queue,
             leave_out=checkpoint.parts_left_out(self.cfg),
         )  # fmt: skip
         if self.rank0 and self.async_queue is not None:
@@ -248,18 +281,17 @@ class Trainer:
     # ------------------------------------------------------------------------------ steps
 
     def _run_schedule(self, batches, forward_only: bool) -> tuple[list[dict], object]:
+        """The next step of ``batches`` through the schedule; a step of no micro-batches (a DP
+        rank whose validation pass has ended) runs nothing and has no losses."""
         step = next(batches)
         self.chunks[0].ctc_loss_sum = 0.0
-        n = self.cfg.train.num_microbatches
+        n = step.count
+        if n == 0:
+            return [], step
         iterators = [
             iter(step.microbatches if step.microbatches is not None else [None] * n)
             for _ in self.model
         ]
-        micro_batch_size = (
-            self.cfg.data.micro_batch_size
-            if step.microbatches is None
-            else len(step.microbatches[0]["input_ids"])
-        )
         losses = get_forward_backward_func()(
             forward_step_func=functools.partial(
                 _forward_step, sequence_length=step.sequence_length, with_accuracy=forward_only
@@ -268,7 +300,7 @@ class Trainer:
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=n,
             seq_length=step.sequence_length,
-            micro_batch_size=micro_batch_size,
+            micro_batch_size=step.micro_batch_size,
             forward_only=forward_only,
         )
         return losses, step
@@ -353,64 +385,64 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss and next-token accuracy on answer tokens over ``train.eval_iters`` global
-        batches of the validation shards (the same batches every time)."""
+        """Loss and next-token accuracy on answer tokens over one pass of the validation shards
+        (each sample once, the same every time), at most ``train.eval_iters`` global batches.
+        Every rank joins each step's sums, also one whose share has ended (or had no sample),
+        so the result is the one a single rank gets on the same samples."""
         cfg = self.cfg
         for chunk in self.model:
             chunk.eval()
-        batches = StepBatches(
-            cfg, self.tokenizer, cfg.data.valid_shards, self.pad_multiple,
-            train=False, seed=cfg.seed,
-        )  # fmt: skip
-        loss = tokens = hits = 0.0
+        batches = StepBatches(cfg, self.tokenizer, self.pad_multiple, train=False)
+        loss = tokens = hits = samples = 0.0
         try:
             for _ in range(cfg.train.eval_iters):
                 losses, step = self._run_schedule(batches, forward_only=True)
-                batch_loss, batch_tokens, batch_hits, *_ = self._totals(losses, step)
+                batch_loss, batch_tokens, batch_hits, batch_samples, *_ = self._totals(losses, step)
+                if not batch_samples:  # every rank's pass has ended
+                    break
                 loss, tokens, hits = loss + batch_loss, tokens + batch_tokens, hits + batch_hits
+                samples += batch_samples
+            if not samples and self.rank0:
+                log.warning("validation at step %d: no sample (data.valid_shards)", self.step)
             decoded = self._decoded() if cfg.train.eval_wer_samples else {}
         finally:
             for chunk in self.model:
                 chunk.train()
         tokens = max(tokens, 1.0)
-        return {"step": self.step, "loss": loss / tokens, "accuracy": hits / tokens, **decoded}
+        return {
+            "step": self.step, "loss": loss / tokens, "accuracy": hits / tokens,
+            "samples": int(samples), **decoded,
+        }  # fmt: skip
 
     def _decoded(self) -> dict:
         """WER (ASR-like tasks) and answer accuracy of the first ``train.eval_wer_samples``
-        validation samples, decoded (split over DP ranks) and scored as ``salm eval`` does."""
+        validation samples, decoded (split over DP ranks) and scored as ``salm eval`` does: the
+        same samples (duration limits, empty answers kept); failed batches counted and named."""
         cfg = self.cfg
         dp_size = parallel_state.get_data_parallel_world_size()
-        stream = SampleStream(
-            cfg.data.valid_shards, sample_rate=cfg.encoder.features.sample_rate,
-            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp_size, seed=cfg.seed,
-            shuffle=False, shuffle_buffer=0, min_duration=cfg.data.min_duration,
-            max_duration=cfg.data.max_duration, default_task=cfg.data.default_task,
-            default_context=cfg.data.default_context,
-        )  # fmt: skip
-        raws = list(itertools.islice(stream, -(-cfg.train.eval_wer_samples // dp_size)))
+        dp_rank = parallel_state.get_data_parallel_rank()
+        stream = evaluation_stream(cfg, cfg.data.valid_shards, dp_rank, dp_size, seed=cfg.seed)
         fmt = cfg.data.prompt_format
         generator = Generator.for_tokenizer(self.chunks[0], cfg.decode, self.tokenizer, fmt)
-        prompts = [prompt_sample(raw, self.tokenizer, fmt, cfg.model.arch) for raw in raws]
-        size, decoded = cfg.decode.batch_size, []
-        for start in range(0, len(prompts), size):
-            decoded += generator.generate(prompts[start : start + size])
-        rows = [
-            {"task": raw.get("task") or "", "reference": raw["answer"],
-             "prediction": generator.text(self.tokenizer, tokens)}
-            for raw, tokens in zip(raws, decoded, strict=True)
-        ]  # fmt: skip
-        gathered = [None] * torch.distributed.get_world_size()
-        first_tp = parallel_state.get_tensor_model_parallel_rank() == 0
-        torch.distributed.all_gather_object(gathered, rows if first_tp else [])
-        overall = task_metrics([row for part in gathered for row in part])["overall"]
+        per_rank = -(-cfg.train.eval_wer_samples // dp_size)
+        decoded = decode_samples(stream, generator, self.tokenizer, cfg, limit=per_rank)
+        decoded, _ = gather(decoded, stream.stats)
+        overall = metrics_json(task_metrics(decoded.rows))["overall"]
         scores = {"answer_accuracy": overall["accuracy"]}
-        if "wer" in overall:
-            scores["wer"] = overall["wer"]
+        for key in ("wer", "wer_undefined"):  # an infinite WER is named, not written
+            if overall.get(key) is not None:
+                scores[key] = overall[key]
+        if decoded.failures:
+            scores["decode_failed"] = decoded.failed_samples
+            if torch.distributed.get_rank() == 0:
+                log.warning("validation decoding: %s", failure_message(decoded))
         return scores
 
 
 def train(cfg: Config) -> dict:
-    """Train as ``cfg`` says, in every process of the job; returns the last step's record."""
+    """Train as ``cfg`` says, in every process of the job; returns the last step's record.
+    Relative paths are made absolute first, so the config the run saves holds for any folder."""
+    cfg = absolute_paths(cfg)
     check_training_config(cfg)
     stop = StopSignals()  # before the slow start, so that an early signal is kept too
     try:
@@ -435,7 +467,8 @@ def _train(cfg: Config, stop: StopSignals) -> dict:
     trainer = Trainer(cfg)
     if rank0:  # only once the checkpoint to resume (if any) has been found to fit
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(resolved)
+        filled = yaml.safe_dump(trainer.cfg.to_dict(), sort_keys=False)  # audio_token_id set
+        (output_dir / "config.yaml").write_text(filled)
     train_cfg, ckpt_cfg = cfg.train, cfg.checkpoint
     reporter = (
         Reporter(output_dir, train_cfg.steps, train_cfg.log_interval, trainer.step + 1)

@@ -63,7 +63,8 @@ def average_batchnorm_statistics(cfg: Config, chunks: list[torch.nn.Module]) -> 
 
     Megatron's DDP reduces gradients only; buffers would drift apart. Averaged after every step
     they stay equal, so every rank evaluates alike and a checkpoint (which stores one copy) holds
-    the whole state.
+    the whole state. Frozen parts (in eval mode) are left out: their statistics do not change, and
+    averaging would round them anew every step.
     """
     if cfg.parallel.split_audio_over_tp and cfg.parallel.tensor_model_parallel_size > 1:
         group = parallel_state.get_tensor_and_data_parallel_group()
@@ -76,7 +77,9 @@ def average_batchnorm_statistics(cfg: Config, chunks: list[torch.nn.Module]) -> 
         buffer
         for chunk in chunks
         for module in chunk.modules()
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        and module.track_running_stats
+        and module.training  # a frozen encoder's statistics stay as loaded (and equal)
         for buffer in (module.running_mean, module.running_var)
     ]
     if not stats:

@@ -1,7 +1,8 @@
 """Proves the path from training to answers: a tiny SALM trained at PP=2 on eight utterances
 (`salm train`) is loaded at PP=1 and transcribes them back exactly, through `salm eval` at TP=2
 (predictions.jsonl, metrics.json, WER 0) and `salm transcribe` (WAV at 44.1 kHz stereo, FLAC);
-bad checkpoints and shards are named."""
+`salm eval` at DP=2 scores an empty reference and skips (and counts) audio over --max-duration,
+as `salm transcribe` names it; bad checkpoints and shards are named."""
 
 from __future__ import annotations
 
@@ -63,10 +64,54 @@ def test_eval_at_tp2_scores_a_perfect_transcription(trained, tmp_path):
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["key"] for r in rows] == [f"utt{i}" for i in range(8)]
     assert [r["prediction"] for r in rows] == ANSWERS
-    assert set(rows[0]) == {"key", "task", "context", "reference", "prediction", "duration"}
+    assert set(rows[0]) == {"key", "task", "lang", "context", "reference", "prediction",
+                            "duration"}  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["metrics"]["asr"]["wer"] == 0.0 and metrics["metrics"]["asr"]["count"] == 8
     assert metrics["utterances"] == 8 and metrics["real_time_factor"] > 0
+
+
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_eval_at_dp2_scores_empty_references_and_skips_long_audio(trained, tmp_path):
+    import webdataset as wds
+
+    from salm_megatron.data.audio_io import encode_flac
+
+    extra = tmp_path / "extra-000000.tar"
+    with wds.TarWriter(str(extra)) as sink:
+        sink.write({"__key__": "quiet", "flac": encode_flac(0.01 * _clip(1)),
+                    "json": {"answer": "", "task": "asr"}})  # fmt: skip
+        sink.write({"__key__": "long", "flac": encode_flac(waveform(1.5, seed=9)),
+                    "json": {"answer": "one two", "task": "asr"}})  # fmt: skip
+    out = tmp_path / "eval"
+    log = launch("salm_megatron.inference.commands", 2, "eval", "--checkpoint",
+                 str(trained / "run"), "--data", str(trained / "shards" / "shard-000000.tar"),
+                 str(extra), "--out", str(out), "--tensor-parallel", "1",
+                 "--max-duration", "1.0")  # fmt: skip
+    assert "skipped samples: too_long 1" in log
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in rows) == sorted([f"utt{i}" for i in range(8)] + ["quiet"])
+    assert next(r for r in rows if r["key"] == "quiet")["reference"] == ""
+    metrics = _strict_json((out / "metrics.json").read_text())
+    assert metrics["skipped_samples"] == {"too_long": 1} and metrics["failed_samples"] == 0
+    assert metrics["duration_limits"]["max"] == 1.0
+    assert metrics["metrics"]["asr"]["count"] == 9 and metrics["utterances"] == 9
+
+    long_wav = tmp_path / "long.wav"
+    soundfile.write(long_wav, waveform(1.5, seed=9).numpy(), 16000)
+    proc = subprocess.run(
+        [sys.executable, "-m", "salm_megatron.cli", "transcribe", "--checkpoint",
+         str(trained / "run"), str(long_wav), "--max-duration", "1.0"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr[-3000:]
+    assert f"{long_wav}: skipped, 1.500 s is longer than data.max_duration=1.0" in proc.stderr
 
 
 def test_transcribe_reads_any_rate_and_channels(trained, tmp_path):

@@ -1,8 +1,9 @@
 """Proves `salm export` then `salm import` of a SALM (LoRA merged; CTC head; frozen LLM and encoder
 left out of the checkpoint) and a BESTOW gives back every tensor of the checkpoint's model bitwise
-(BatchNorm statistics and padded vocabulary rows included), decodes the same tokens (Generator and
-`salm transcribe`), starts a new run through checkpoint.pretrained_model, and names bad input
-(missing checkpoint, existing --out, a speech.safetensors that does not fit its config)."""
+(BatchNorm statistics and padded vocabulary rows included), carries the tokenizer's token ids for
+transformers, decodes the same tokens (Generator and `salm transcribe`), starts a new run through
+checkpoint.pretrained_model, and names bad input (missing checkpoint, existing --out, a
+speech.safetensors that does not fit its config, names leading out of the folder, links)."""
 
 from __future__ import annotations
 
@@ -144,6 +145,20 @@ def test_round_trip_is_bitwise(case, single_rank):
         assert speech_config["exported_from"]["lora_merged"] == {"rank": 2, "alpha": 8.0}
 
 
+def test_the_export_carries_the_tokenizers_ids(case):
+    """config.json and generation_config.json hold the run's tokenizer's BOS/EOS (its PAD: none
+    of its own), and generation stops where ours does (EOS or Llama 3's end of turn)."""
+    transformers = pytest.importorskip("transformers")
+    hf = case["root"] / "hf"
+    tok = load_tokenizer(hf)
+    config = transformers.AutoConfig.from_pretrained(hf)
+    assert (config.bos_token_id, config.eos_token_id) == (tok.bos_id, tok.eos_id)
+    assert config.pad_token_id is None and tok.pad_id == tok.eos_id
+    generation = transformers.GenerationConfig.from_pretrained(hf)
+    assert generation.bos_token_id == tok.bos_id
+    assert generation.eos_token_id == sorted([tok.eos_id, tok.require("<|eot_id|>")])
+
+
 def test_decodes_the_same_tokens(case, single_rank):
     root = case["root"]
     clips = [waveform(0.5, seed=1), waveform(0.9, seed=2), waveform(0.3, seed=3)]
@@ -231,3 +246,51 @@ def test_bad_input_is_named(case, tmp_path, capsys):
         err = fails(import_main, "--hf", bad, "--out", tmp_path / "out")
         assert words in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_import_reads_only_the_folders_own_files(case, tmp_path, capsys):
+    """Names read from an exported folder stay inside it, and links in it are refused: nothing
+    outside the folder is read, copied or written."""
+    root = case["root"]
+    outside = tmp_path / "secret"
+    outside.write_text("not a tokenizer")
+
+    def refused(change, words: str) -> None:
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(root / "hf", bad)
+        change(bad)
+        assert import_main(["--hf", str(bad), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert words in err, err
+        assert not (tmp_path / "out").exists()
+        assert outside.read_text() == "not a tokenizer"
+
+    def tokenizer_named(name: str):
+        def change(bad):
+            speech = json.loads((bad / "speech_config.json").read_text())
+            speech["data"]["tokenizer"] = name
+            (bad / "speech_config.json").write_text(json.dumps(speech))
+
+        return change
+
+    for name in ("../secret", str(outside), "sub/tokenizer.json", ".."):
+        refused(
+            tokenizer_named(name),
+            f"speech_config.json: data.tokenizer {name!r} must be a plain name inside the folder",
+        )
+
+    def linked(bad):
+        (bad / "tokenizer.json").unlink()
+        (bad / "tokenizer.json").symlink_to(outside)
+
+    refused(linked, f"{tmp_path / 'bad' / 'tokenizer.json'} is a symbolic link")
+
+    def escaping_shard(bad):
+        with safe_open(bad / "model.safetensors", framework="pt") as f:
+            names = list(f.keys())  # noqa: SIM118
+        (bad / "model.safetensors").rename(tmp_path / "shard.safetensors")
+        index = {"weight_map": dict.fromkeys(names, "../shard.safetensors")}
+        (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    refused(escaping_shard, "'../shard.safetensors' must be a plain name inside the folder")

@@ -1,6 +1,7 @@
 """Proves `salm train` end to end in real processes: the loss falls (SALM, BESTOW); a run killed
 between or during checkpoint writes resumes to the very losses and sample keys of an uninterrupted
-run; checkpoints saved at TP=2 resume at TP=1 and PP=2; TP=2 x PP=2 follows TP=1 for 10 steps."""
+run; checkpoints saved at TP=2 resume at TP=1 and PP=2; TP=2 x PP=2 follows TP=1 for 10 steps;
+a validation set smaller than DP ranks x workers validates as one rank does."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import launch
-from tests.speech_fixtures import training_config
+from tests.speech_fixtures import training_config, write_speech_shards
 
 pytestmark = pytest.mark.multiprocess
 
@@ -137,3 +138,20 @@ def test_checkpoints_reshard_across_layouts(data_dir, tmp_path):
     for step in range(3, 13):
         a, b = tp2_pp2[step]["loss"], tp1[step]["loss"]
         assert abs(a - b) <= 1e-6 * b, (step, a, b)
+
+
+def test_validation_smaller_than_ranks_x_workers_equals_one_rank(data_dir, tmp_path):
+    """3 validation samples for 2 DP ranks x 2 workers: one worker reads none, one DP rank has a
+    single sample; every rank still joins the sums, and the result is one rank's on the same
+    samples (optim.lr=0: both validate the initial weights; LayerNorm: no batch statistics)."""
+    valid = write_speech_shards(tmp_path / "valid3", 3, seed=2000)
+    common = ("train.steps=1", "train.eval_interval=1", "train.eval_iters=4", "optim.lr=0",
+              "encoder.conv_norm_type=layer_norm", "data.num_workers=2",
+              f"data.valid_shards={valid}")  # fmt: skip
+    train(data_dir, tmp_path / "dp1", 1, *common)
+    train(data_dir, tmp_path / "dp2", 2, *common)
+    (one,) = records(tmp_path / "dp1", "valid").values()
+    (two,) = records(tmp_path / "dp2", "valid").values()
+    assert one["samples"] == two["samples"] == 3  # each sample once, none dropped or repeated
+    assert abs(two["loss"] - one["loss"]) <= 1e-5 * one["loss"], (one, two)
+    assert two["accuracy"] == one["accuracy"]

@@ -1,10 +1,15 @@
-"""Proves length bucketing and weighted mixing: every sample once, caps respected, exact resume."""
+"""Proves length bucketing and weighted mixing: every sample once, caps respected, copies of a
+small dataset's sample never in one micro-batch, samples over max_tokens skipped and counted
+(also across a resume), pass-through global batches that drop nothing, exact resume."""
+
+import random
 
 import pytest
 import torch
 
 from salm_megatron.data.batching import (
     BucketBatcher,
+    GlobalBatches,
     ListSource,
     WeightedMix,
     audio_frames,
@@ -53,12 +58,78 @@ def test_fixed_batch_size_and_determinism():
     assert make(0) == first and make(1) != first
 
 
-def test_sample_over_max_tokens_is_a_clear_error():
-    batcher = BucketBatcher(_numbers(3), lambda x: 100, max_tokens=50)
-    with pytest.raises(ValueError, match="costs 100 tokens, more than max_tokens=50"):
-        list(batcher)
+def test_sample_over_max_tokens_is_skipped_counted_and_resumed():
+    long = {7, 30, 31}
+    cost = lambda x: 100 if x in long else 1 + x % 11  # noqa: E731
+
+    def make():
+        return BucketBatcher(_numbers(60), cost, max_tokens=30, window=20, seed=3)
+
+    full, counts = [], []
+    for batch in (batcher := make()):
+        full.append(batch)
+        counts.append(batcher.skipped["over_max_tokens"])
+    assert sorted(_keys(full)) == sorted(set(range(60)) - long)
+    assert batcher.skipped == {"over_max_tokens": 3}
+    first = make()
+    for seen, _ in enumerate(first, start=1):
+        if seen == 4:
+            break
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    rest = [(batch, resumed.skipped["over_max_tokens"]) for batch in resumed]
+    assert [b for b, _ in rest] == full[4:] and [n for _, n in rest] == counts[4:]
     with pytest.raises(ValueError, match="exactly one of max_tokens"):
         BucketBatcher(_numbers(3), len, max_tokens=5, batch_size=2)
+
+
+def test_repeating_stream_with_no_sample_under_max_tokens_is_an_error_not_a_hang():
+    epochs = ListSource([i % 3 for i in range(300)])  # a repeating stream of 3 samples
+    with pytest.raises(ValueError, match="every sample costs more than max_tokens=50"):
+        list(BucketBatcher(epochs, lambda x: 100, max_tokens=50, window=5))
+
+
+def _epochs(items: int, epochs: int, seed: int = 0) -> list[int]:
+    """A small dataset read again and again, each epoch shuffled (as a training stream is)."""
+    order = []
+    for epoch in range(epochs):
+        perm = list(range(items))
+        random.Random(f"{seed}-{epoch}").shuffle(perm)
+        order += perm
+    return order
+
+
+@pytest.mark.parametrize(
+    "size", [{"batch_size": 4}, {"max_tokens": 24}], ids=["batch_size", "max_tokens"]
+)
+def test_small_dataset_copies_never_share_a_micro_batch(size, caplog):
+    stream = _epochs(items=6, epochs=8)  # 6 distinct samples, windows of 16
+    with caplog.at_level("WARNING", logger="salm_megatron.data.batching"):
+        batches = list(BucketBatcher(ListSource(stream), lambda x: 1 + x % 3, window=16, **size))
+    assert sorted(_keys(batches)) == sorted(stream)  # every sample, every epoch
+    for batch in batches:
+        assert len(set(batch)) == len(batch), batch
+        if "max_tokens" in size:
+            assert max(1 + x % 3 for x in batch) * len(batch) <= size["max_tokens"]
+        else:
+            assert len(batch) <= 4
+    if "batch_size" in size:  # still mostly full
+        assert sum(len(b) == 4 for b in batches) >= 0.75 * len(batches)
+    warnings = [r for r in caplog.records if "holds" in r.message and "copies" in r.message]
+    assert len(warnings) == 1  # said once
+
+
+def test_global_batches_drop_the_last_group_in_training_only():
+    def sizes(**kwargs):
+        source = ListSource([[0] * n for n in (4, 4, 4, 4, 2)])
+        groups = GlobalBatches(source, 3, lambda sample: 1, **kwargs)
+        return [[len(b) for b in group] for group, _ in groups]
+
+    assert sizes() == [[4, 4, 4]]  # an endless stream's trailing part waits for no one
+    assert sizes(drop_last=False) == [[4, 4, 4], [4, 2]]
+    assert sizes(drop_last=False, one_size=True) == [[4, 4, 4], [4], [2]]
+    with pytest.raises(ValueError, match="not both"):
+        GlobalBatches(ListSource([]), 3, len, one_size=True)
 
 
 @pytest.mark.parametrize("stop_after", [1, 7, 13])
@@ -97,3 +168,8 @@ def test_weighted_mix_follows_weights_and_resumes_exactly():
         assert taken + list(again) == full
     with pytest.raises(ValueError, match="must all be positive"):
         WeightedMix([ListSource([1])], [0.0])
+    mix = make()
+    with pytest.raises(ValueError, match="saved mixing 2 datasets, this run mixes 3 datasets"):
+        WeightedMix([*mix.sources, ListSource([])], [1, 1, 1]).load_state_dict(mix.state_dict())
+    with pytest.raises(ValueError, match="saved from one, this run mixes 2 datasets"):
+        mix.load_state_dict(ListSource([]).state_dict())

@@ -125,6 +125,19 @@ def test_yaml_file_with_preset_and_overrides(tmp_path):
     assert config.parallel.sequence_parallel and config.llm.fp8 is None and config.seed == 7
 
 
+@pytest.mark.parametrize(
+    "pattern", ["{a,b}.tar", "{train,dev}", "/data/{a,b}/shard-{000000..000003}.tar", "a.tar"]
+)
+def test_brace_patterns_on_the_command_line_stay_strings(pattern):
+    config = apply_overrides(Config(), [f"data.train_shards={pattern}"])
+    assert config.data.train_shards == pattern
+
+
+def test_a_mix_on_the_command_line_is_yaml():
+    config = apply_overrides(Config(), ["data.train_shards=[{shards: a.tar, weight: 2}]"])
+    assert config.data.train_datasets == [("a.tar", 2.0)]
+
+
 def test_json_file_round_trip(tmp_path):
     original = apply_overrides(
         Config(), ["llm.preset=qwen2.5-7b", "parallel.tensor_model_parallel_size=4"]

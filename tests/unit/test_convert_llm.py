@@ -1,6 +1,8 @@
 """Proves hf-to-mcore gives transformers' logits at TP=1, mcore-to-hf round-trips every tensor
-bitwise into a folder transformers loads, and bad input fails naming the field or tensor."""
+bitwise into a folder transformers loads (a LoRA run merged in its own dtype, with its tokenizer's
+token ids), and bad input fails naming the field or tensor."""
 
+import dataclasses
 import json
 import shutil
 
@@ -169,3 +171,59 @@ def test_export_of_a_lora_training_checkpoint(converted, tmp_path, single_rank):
         logits = hf(ids).logits
     assert (logits - c["logits"]).abs().max() > 1e-3, "the adapters changed nothing"
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+
+
+def test_export_of_a_bf16_lora_run_stays_bf16_and_carries_the_tokenizer_ids(
+    converted, tmp_path, single_rank
+):
+    """A bf16 LoRA run exports bf16 weights, merged in bf16 (each sum rounded once), with its
+    tokenizer's BOS/EOS/PAD in config.json and generation_config.json, whose EOS also holds the
+    prompt format's end of answer; transformers reads them."""
+    from salm_megatron.config import CheckpointConfig, Config, LoRAConfig
+    from salm_megatron.data import load_tokenizer
+    from salm_megatron.models import build_speech_llm
+    from salm_megatron.models.lora import adapter_parameters
+    from salm_megatron.training import checkpoint
+    from tests.speech_fixtures import make_hf_tokenizer
+
+    c = converted["llama3"]
+    tokenizer = make_hf_tokenizer(tmp_path / "tokenizer", extra_special=("<pad>",))
+    base = Config()
+    cfg = Config(
+        llm=c["llm"],
+        lora=LoRAConfig(rank=2, alpha=4.0),
+        checkpoint=CheckpointConfig(pretrained_llm=str(c["dir"] / "mcore")),
+        data=dataclasses.replace(base.data, tokenizer=str(tokenizer), prompt_format="llama3"),
+    )
+    (model,) = build_speech_llm(cfg, params_dtype=torch.bfloat16)
+    checkpoint.load_pretrained(model.llm, cfg.checkpoint.pretrained_llm, "LLM")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        proj = model.llm.decoder.layers[0].self_attention.linear_proj
+        exact = proj.base.weight.double() + 2.0 * (
+            proj.lora_b.weight.double() @ proj.lora_a.weight.double()
+        )
+    run = tmp_path / "run"
+    checkpoint.save(run / "checkpoints", 5, [model], None, {"config": cfg.to_dict()}, {}, None)
+
+    out = tmp_path / "hf"
+    mcore_to_hf(run, out)
+    tensors = hf_tensors(out)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert torch.equal(tensors["model.layers.0.self_attn.o_proj.weight"], exact.bfloat16())
+    written = json.loads((out / "config.json").read_text())
+    assert written.get("dtype", written.get("torch_dtype")) == "bfloat16"
+
+    tok = load_tokenizer(tokenizer)
+    eot = tok.require("<|eot_id|>")
+    assert tok.pad_id != tok.eos_id and eot != tok.eos_id
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    config = hf.config
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
+        tok.bos_id, tok.eos_id, tok.pad_id,
+    )  # fmt: skip
+    for generation in (hf.generation_config, transformers.GenerationConfig.from_pretrained(out)):
+        assert generation.bos_token_id == tok.bos_id and generation.pad_token_id == tok.pad_id
+        assert generation.eos_token_id == sorted([tok.eos_id, eot])

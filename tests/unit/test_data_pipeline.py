@@ -1,5 +1,8 @@
 """Proves shards -> loader (2 workers, 2 DP ranks) -> prompts -> buckets -> batches resumes exactly
-by keys and feeds a SALM model."""
+by keys (the loader after any number of samples, its workers' turns included) and feeds a SALM
+model."""
+
+import itertools
 
 import pytest
 import torch
@@ -71,6 +74,23 @@ def test_pipeline_resumes_exactly_by_keys(shards, tokenizer):
         assert seen + rest == full, f"rank {rank}: resumed stream differs"
         everything += [k for batch in full for k in batch]
     assert sorted(everything) == [f"utt{i:03d}" for i in range(24)]  # each sample once
+
+
+@pytest.mark.parametrize("stop", [1, 3, 6])
+def test_loaded_stream_resumes_in_its_workers_turn(shards, stop):
+    """A state taken after an odd number of samples (a mix of datasets takes any number from
+    each) resumes with the worker whose turn was next, not with the DataLoader's first."""
+
+    def make():
+        stream = SampleStream(shards, seed=3, shuffle_buffer=4, repeat=True)
+        return LoadedStream(stream, num_workers=2)
+
+    full = [s["key"] for s in itertools.islice(make(), 12)]
+    first = make()
+    seen = [s["key"] for s in itertools.islice(first, stop)]
+    again = make()
+    again.load_state_dict(first.state_dict())
+    assert seen + [s["key"] for s in itertools.islice(again, 12 - stop)] == full
 
 
 @pytest.mark.parametrize("arch", ["salm", "bestow"])

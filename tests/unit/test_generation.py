@@ -1,6 +1,8 @@
 """Proves decoding with the KV cache equals full recomputation token for token (SALM, BESTOW;
-greedy, sampling, beam search), that a sample decodes alike alone and in a left-padded batch, and
-the decoding rules: stop tokens, banned ids, top-k 1 and beam 1 are greedy, seeds repeat."""
+greedy, sampling, beam search; fp32 and bf16), that a sample decodes alike alone and in a
+left-padded batch (sampled ones too: each draws from its own seeded stream), that beam search
+reorders the cache in place, and the decoding rules: stop tokens, banned ids, top-k 1 and beam 1
+are greedy, seeds repeat."""
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from salm_megatron.config import DecodeConfig
 from salm_megatron.data import build_prompt, load_tokenizer
 from salm_megatron.data.prompts import generation_prompt
-from salm_megatron.inference.generation import Generator
+from salm_megatron.inference.generation import Generator, _Cached
 from salm_megatron.models import build_speech_llm
 from tests.speech_fixtures import (
     AUDIO_TOKEN,
@@ -22,9 +24,9 @@ ARCHS = ("salm", "bestow")
 EOS = 2
 
 
-def _generator(arch: str, **decoding) -> Generator:
+def _generator(arch: str, dtype: torch.dtype = torch.float32, **decoding) -> Generator:
     torch.manual_seed(0)
-    (model,) = build_speech_llm(tiny_config(arch))
+    (model,) = build_speech_llm(tiny_config(arch), params_dtype=dtype)
     wake_zero_outputs(model)
     settings = {"max_new_tokens": 10, "beam_size": 3, "top_k": 20, "top_p": 0.9, **decoding}
     return Generator(
@@ -52,6 +54,44 @@ def test_left_padding_changes_nothing(single_rank, arch):
     assert together == [generator.generate([s])[0] for s in samples]
     beam = _generator(arch, strategy="beam")
     assert beam.generate(samples) == [beam.generate([s])[0] for s in samples]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sampling_does_not_depend_on_the_batch(single_rank, arch):
+    generator = _generator(arch, strategy="sample", seed=7)
+    samples = prompt_samples(arch)
+    together = generator.generate(samples)  # batch size 3
+    assert together == [generator.generate([s])[0] for s in samples]  # batch size 1
+    assert generator.generate(samples[::-1]) == together[::-1]
+    assert together != _generator(arch, strategy="sample", seed=8).generate(samples)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.no_grad()
+def test_beam_reorders_the_cache_in_place(single_rank, arch):
+    generator = _generator(arch, strategy="beam")
+    rows = _Cached(generator, prompt_samples(arch), rows=6)
+    memory = rows.context.key_value_memory_dict
+    used = rows.context.sequence_len_offset
+    before = {
+        layer: [(t.data_ptr(), t[:used, :3].clone()) for t in kv] for layer, kv in memory.items()
+    }
+    index = torch.tensor([2, 0, 1, 1, 0, 2])
+    rows.reorder(index)
+    assert memory  # every LLM layer has its buffers
+    for layer, kv in memory.items():
+        for tensor, (pointer, old) in zip(kv, before[layer], strict=True):
+            assert tensor.data_ptr() == pointer and tensor.shape[1] == 6  # the same buffer
+            assert torch.equal(tensor[:used, :6], old[:, index])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_decoding_equals_its_recomputation(single_rank, arch):
+    for strategy in ("greedy", "beam"):
+        generator = _generator(arch, torch.bfloat16, strategy=strategy)
+        samples = prompt_samples(arch)
+        cached = generator.generate(samples)
+        assert cached == generator.generate(samples, use_cache=False) and all(cached)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

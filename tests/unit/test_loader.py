@@ -1,12 +1,15 @@
 """SampleStream returns every sample once per epoch with its audio and text, in a seeded order,
 split disjointly over DP ranks and DataLoader workers, skips and counts bad inputs, and resumes
-exactly from its state (2 DP ranks x 2 workers)."""
+exactly from its state (2 DP ranks x 2 workers), refusing a state of another shuffle buffer or of
+shards rewritten under the same names, while a state from before those were recorded resumes."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -226,6 +229,33 @@ def test_resume_with_two_workers_and_two_dp_ranks(corpus):
     with pytest.raises(ValueError, match="saved with 2 DataLoader workers, resuming with 1"):
         next(iter(wrong))
     assert sorted(seen) == sorted(corpus["expected"])
+
+
+def test_resume_refuses_another_shuffle_buffer_or_rewritten_shards(corpus, tmp_path):
+    for i in range(2):
+        shutil.copy(corpus["root"] / f"train-000{i}.tar", tmp_path / f"train-000{i}.tar")
+    pattern = str(tmp_path / "train-{0000..0001}.tar")
+    first = SampleStream(pattern, seed=5, shuffle_buffer=4)
+    it = iter(first)
+    head = [next(it)["key"] for _ in range(5)]
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["shuffle_buffer"] == 4 and state["shard_sizes"].startswith("2 shards, sha1 ")
+
+    with pytest.raises(ValueError, match="shuffle_buffer=4, this stream has 8"):
+        SampleStream(pattern, seed=5, shuffle_buffer=8).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k not in ("shuffle", "shuffle_buffer", "shard_sizes")}
+    resumed = SampleStream(pattern, seed=5, shuffle_buffer=4)
+    resumed.load_state_dict(old)  # saved before they were recorded: loads, and resumes exactly
+    assert head + _keys(resumed) == _keys(SampleStream(pattern, seed=5, shuffle_buffer=4))
+
+    with tarfile.open(tmp_path / "train-0001.tar") as tar:  # its first 3 samples, same name
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()[:6]]
+    with tarfile.open(tmp_path / "train-0001.tar", "w") as tar:
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
+    rewritten = SampleStream(pattern, seed=5, shuffle_buffer=4)
+    with pytest.raises(ValueError, match="loader state has shard_sizes='2 shards, sha1 "):
+        rewritten.load_state_dict(state)
 
 
 def test_repeat_runs_epochs_and_resumes_across_the_boundary(corpus):

@@ -1,7 +1,8 @@
 """Proves LoRA on one process: its config is validated; off changes nothing and new adapters change
-no output; with a frozen LLM only the adapters train; merged equals unmerged; dropout acts in
-training only; a LoRA-only checkpoint is a small fraction of a full one and resumes exactly, its
-frozen parts reloaded from their pretrained checkpoints (a clear error names a missing one)."""
+no output; with a frozen LLM only the adapters train; merged equals unmerged (a bf16 merge stays
+bf16, rounded once); dropout acts in training only; a LoRA-only checkpoint is a small fraction of
+a full one and resumes exactly, its frozen parts reloaded from their pretrained checkpoints (a
+clear error names a missing one)."""
 
 import dataclasses
 import re
@@ -169,6 +170,29 @@ def test_merged_equals_unmerged(single_rank):
     for key, value in expected.items():
         torch.testing.assert_close(weights[key].double(), value, rtol=0, atol=1e-7, msg=key)
     assert (merged - unmerged).abs().max() < 1e-5
+
+
+def test_a_bf16_merge_stays_bf16_and_rounds_once(single_rank):
+    """The merge keeps the weights' dtype (no fp32 copy of the model) and rounds the fp32 sum
+    ``W + scale B A`` once: what rounding the exact sum to bf16 gives, element for element."""
+    llm = build_llm(LLMConfig(num_layers=2), ParallelConfig(), params_dtype=torch.bfloat16)
+    apply_lora(llm, LoRAConfig(rank=4, alpha=8.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(llm):
+            m.lora_b.weight.copy_(0.05 * torch.randn(m.lora_b.weight.shape, generator=g))
+        exact = {
+            f"{name}.weight": (
+                m.base.weight.double() + 2.0 * m.lora_b.weight.double() @ m.lora_a.weight.double()
+            ).to(torch.bfloat16)
+            for name, m in llm.named_modules()
+            if isinstance(m, LoRALinear)
+        }
+        merge_lora(llm)
+    weights = llm.state_dict()
+    for key, value in exact.items():
+        assert weights[key].dtype == torch.bfloat16, key
+        assert torch.equal(weights[key], value), key
 
 
 def test_dropout_acts_in_training_only(single_rank):

@@ -1,18 +1,25 @@
-"""Proves the evaluation metrics on hand-computed cases: edit counts, normalisation, corpus sums."""
+"""Proves the evaluation metrics on hand-computed cases: edit counts, normalisation, corpus sums,
+BLEU tokenized per target language, and metrics written as strict JSON (no Infinity)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 
 import pytest
+import sacrebleu
 
 from salm_megatron.inference.metrics import (
+    UNDEFINED_RATE,
     ErrorRate,
     bleu,
+    bleu_tokenizer,
     cer,
     exact_match,
     format_table,
     metric_kind,
+    metrics_json,
     normalize_text,
     task_metrics,
     wer,
@@ -156,6 +163,47 @@ def test_bleu_identical_is_100_and_disjoint_is_0():
     assert bleu([], []) == 0.0
 
 
+JA = "ja-mecab" if importlib.util.find_spec("MeCab") else "char"  # MeCab: sacrebleu[ja]
+
+
+@pytest.mark.parametrize(
+    ("lang", "tokenizer"),
+    [("zh", "zh"), ("zh-CN", "zh"), ("Chinese", "zh"), ("ja", JA), ("Japanese", JA),
+     ("th", "char"), ("de", "13a"), ("English", "13a"), ("", "13a"), (None, "13a")],
+)  # fmt: skip
+def test_bleu_tokenizer_follows_the_target_language(lang, tokenizer):
+    assert bleu_tokenizer(lang) == tokenizer
+
+
+def test_bleu_tokenizes_each_pair_for_its_language():
+    ref, hyp = "我爱北京天安门", "我爱北京"  # no spaces: 13a sees one word each
+    assert bleu([ref], [hyp]) == pytest.approx(0.0)
+    chinese = sacrebleu.corpus_bleu([hyp], [[ref]], tokenize="zh").score
+    assert bleu([ref], [hyp], ["zh"]) == pytest.approx(chinese) and chinese > 0
+    # A corpus of two languages: each pair split its own way (here by hand), one corpus BLEU.
+    refs, hyps = [ref, "the cat sat on the mat"], [hyp, "the cat sat on a mat"]
+    by_hand = sacrebleu.corpus_bleu(
+        ["我 爱 北 京", hyps[1]], [["我 爱 北 京 天 安 门", refs[1]]], tokenize="none"
+    ).score
+    assert bleu(refs, hyps, ["zh", "en"]) == pytest.approx(by_hand)
+    rows = [{"task": "ast", "reference": r, "prediction": h, "lang": lang}
+            for r, h, lang in zip(refs, hyps, ["zh", "en"], strict=True)]  # fmt: skip
+    assert task_metrics(rows)["ast"]["bleu_tokenize"] == "13a,zh"
+    assert task_metrics(rows)["ast"]["bleu"] == pytest.approx(by_hand)
+
+
+def test_metrics_json_writes_an_infinite_rate_as_null_with_the_reason():
+    rows = [{"task": "asr", "reference": "", "prediction": "thank you"}]  # words over silence
+    metrics = task_metrics(rows)
+    assert math.isinf(metrics["asr"]["wer"])
+    written = json.loads(json.dumps(metrics_json(metrics), allow_nan=False))
+    for entry in (written["asr"], written["overall"]):
+        assert entry["wer"] is None and entry["wer_undefined"] == UNDEFINED_RATE
+    assert written["asr"]["cer"] is None and written["asr"]["accuracy"] == 0.0
+    finite = task_metrics(_rows())
+    assert metrics_json(finite) == finite  # nothing else changes
+
+
 def test_exact_match():
     assert exact_match(["Yes.", "Paris", "blue"], ["yes", "paris!", "red"]) == pytest.approx(2 / 3)
     assert exact_match([], []) == 0.0
@@ -208,8 +256,8 @@ def test_task_metrics_routes_each_task():
     assert asr["accuracy"] == pytest.approx(1 / 2)
 
     ast = metrics["ast"]
-    assert set(ast) == {"count", "bleu", "accuracy"}
-    assert ast["count"] == 1
+    assert set(ast) == {"count", "bleu", "bleu_tokenize", "accuracy"}
+    assert ast["count"] == 1 and ast["bleu_tokenize"] == "13a"  # no lang
     assert ast["bleu"] == pytest.approx(100.0)
     assert ast["accuracy"] == 1.0
 

@@ -1,10 +1,13 @@
-"""Proves both tokenizer kinds behind one interface and the prompt formats' ids and answer masks."""
+"""Proves both tokenizer kinds behind one interface, where the audio placeholder goes in real
+layouts (Llama 3, Llama 2, Mistral v0.3), and the prompt formats' ids and answer masks: the pieces
+of the whole text (no stray "▁" before an answer), the same prompt for training and decoding."""
 
 import pytest
 
-from salm_megatron.data.prompts import build_prompt, instruction
+from salm_megatron.data.prompts import build_prompt, generation_prompt, instruction
 from salm_megatron.data.tokenizers import AUDIO_TOKEN, load_tokenizer
 from tests.speech_fixtures import CORPUS, make_hf_tokenizer
+from tests.tokenizer_layouts import llama2_sentencepiece, llama3_tokenizer, mistral_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +25,16 @@ def sentencepiece_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     return make_hf_tokenizer(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    return {
+        "llama3": load_tokenizer(llama3_tokenizer(root / "llama3")),
+        "llama2": load_tokenizer(llama2_sentencepiece(root / "llama2")),
+        "mistral": load_tokenizer(mistral_tokenizer(root / "mistral")),
+    }
 
 
 def test_sentencepiece_interface(sentencepiece_model):
@@ -47,6 +60,69 @@ def test_an_existing_audio_token_is_reused_and_text_never_makes_one(tmp_path):
     assert tok.audio_token_id == tok.token_id(AUDIO_TOKEN) < tok.base_vocab_size
     plain = load_tokenizer(make_hf_tokenizer(tmp_path / "plain"))
     assert plain.audio_token_id not in plain.encode(f"a transcript with {AUDIO_TOKEN} in it")
+
+
+def test_the_placeholder_is_a_reserved_token_else_the_first_id_after_the_vocabulary(layouts):
+    llama3, llama2, mistral = layouts["llama3"], layouts["llama2"], layouts["mistral"]
+    # Llama 3: its last reserved token; the vocabulary (128256, the checkpoint's rows) holds it.
+    assert llama3.audio_token_id == llama3.token_id("<|reserved_special_token_247|>") == 128255
+    assert llama3.vocab_size == llama3.base_vocab_size == 128256
+    assert "<|reserved_special_token_247|>" in llama3.audio_token_origin
+    # Mistral v0.3: its last unused control token.
+    assert mistral.audio_token_id == mistral.token_id("[control_9]")
+    assert mistral.vocab_size == mistral.base_vocab_size
+    # Llama 2: no spare token, so the first id after its 384 (an embedding row is needed).
+    assert llama2.audio_token_id == llama2.base_vocab_size == 384 and llama2.vocab_size == 385
+    assert "first id after its 384 tokens" in llama2.audio_token_origin
+    # Text never makes a placeholder or any other special token.
+    text = "a <|reserved_special_token_247|> <|eot_id|> [control_9] <|audio|> b"
+    assert max(llama3.encode(text)) < 128000
+    assert mistral.audio_token_id not in mistral.encode(text)
+
+
+@pytest.mark.parametrize("layout", ["llama2", "mistral"])
+@pytest.mark.parametrize(
+    "fmt, whole", [("plain", "Q: {c}\nA: {a}"), ("llama2", "[INST] {c} [/INST] {a}")]
+)
+def test_prompt_and_answer_keep_the_pieces_of_the_whole_text(layouts, layout, fmt, whole):
+    """Llama-2-style tokenizers (a dummy "▁" prefix): the answer is "▁four" as in the whole text,
+    not "▁" "▁four" as `` four`` alone; nor does "[INST] " end in a lone "▁"."""
+    tok = layouts[layout]
+    context, answer = "what is the sum", "four"
+    prompt = build_prompt(tok, fmt, context, answer, audio_segments=1)
+    ids, audio = prompt.input_ids, tok.audio_token_id
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and ids.count(audio) == 1
+    text = [i for i in ids[1:-1] if i != audio]
+    assert text == tok.encode(whole.format(c=context, a=answer))
+    assert tok.token_id("▁") not in ids
+    replied = [i for i, m in zip(ids, prompt.answer_mask, strict=True) if m]
+    assert replied == tok.encode(answer) + [tok.eos_id]  # exactly the answer, then EOS
+    if fmt == "llama2":  # the audio opens the user's turn, right after "[INST]"
+        assert ids[1 : ids.index(audio)] == tok.encode("[INST]")
+    # Whitespace around the context or answer carries nothing.
+    assert build_prompt(tok, fmt, f" {context}\n", f"  {answer} ") == prompt
+
+
+@pytest.mark.parametrize(
+    "layout, fmt",
+    [("llama2", "plain"), ("llama2", "llama2"), ("mistral", "llama2"), ("llama3", "llama3"),
+     ("llama3", "plain")],
+)  # fmt: skip
+@pytest.mark.parametrize("answer", ["four", "one two three", "42 and 7", "ten."])
+def test_decoding_prompt_is_the_training_prompt(layouts, layout, fmt, answer):
+    tok = layouts[layout]
+    trained = build_prompt(tok, fmt, "what is the sum", answer)
+    prompt, end = generation_prompt(tok, fmt, "what is the sum")
+    start = trained.answer_mask.index(1)
+    assert trained.input_ids[:start] == prompt and trained.input_ids[-1] == end
+    assert tok.decode(trained.input_ids[start:]).strip() == answer
+
+
+def test_a_cut_inside_a_token_is_refused(layouts):
+    tok = layouts["llama2"]
+    assert tok.encode_split("the sum", [3]) == [tok.encode("the"), [tok.token_id("▁sum")]]
+    with pytest.raises(ValueError, match="across the cut at 2"):
+        tok.encode_split("four", [2])
 
 
 @pytest.mark.parametrize("fmt", ["plain", "llama2", "llama3"])

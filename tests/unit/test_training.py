@@ -1,9 +1,14 @@
-"""Proves the training pieces on one process: which checkpoint folder a resume picks, that frozen
-parameters get no gradient buffer and no optimizer state, weight decay and per-part learning rates
-in the param groups, the clipped optimizer step that skips NaN/inf gradients without a trace,
-recompute equal to no recompute, the ``salm train`` command line (files it names checked first; the
-config fields a refused resume names), and pretrained LLM and encoder weights loaded exactly."""
+"""Proves the training pieces on one process: which checkpoint folder a resume picks, that pruning
+goes by write order and never deletes the checkpoint just written, that a fresh run over an
+earlier one is refused unless told to start over (which moves it aside, deleting nothing), that
+a resume reading the data otherwise names both values, that a run's paths are saved absolute,
+that frozen parameters get no gradient buffer and no optimizer state, weight decay and per-part
+learning rates in the param groups, the clipped optimizer step that skips NaN/inf gradients
+without a trace, recompute equal to no recompute, the ``salm train`` command line (files it names
+checked first; the config fields a refused resume names), and pretrained LLM and encoder weights
+loaded exactly."""
 
+import dataclasses
 import math
 import re
 
@@ -12,11 +17,11 @@ import torch
 import yaml
 
 from salm_megatron import train
-from salm_megatron.config import Config, ConfigError, apply_overrides, load_config
+from salm_megatron.config import Config, ConfigError, absolute_paths, apply_overrides, load_config
 from salm_megatron.data import collate
 from salm_megatron.models import build_speech_llm
 from salm_megatron.training import checkpoint
-from salm_megatron.training.compatible import MODEL_SECTIONS, config_differences
+from salm_megatron.training.compatible import MODEL_SECTIONS, check_same_data, config_differences
 from salm_megatron.training.optimizer import (
     build_optimizer,
     current_lr,
@@ -109,6 +114,108 @@ def test_resume_picks_complete_checkpoints_only(tmp_path, caplog):
             assert checkpoint.latest_checkpoint(root) == root / "step_10000000"
         assert named in caplog.text
         caplog.clear()
+
+
+def test_pruning_goes_by_write_order_and_keeps_the_checkpoint_just_written(single_rank, tmp_path):
+    """A new run in a folder holding an older run's higher steps (from before runs over one were
+    refused; none has a write order): each new checkpoint survives its own pruning, the older
+    run's go first, and ``latest`` always names a folder that exists."""
+    root = tmp_path / "checkpoints"
+    torch.manual_seed(0)
+    (model,) = build_speech_llm(tiny_config("salm"))
+    for step in (100, 200):  # the older run's
+        checkpoint.save(root, step, [model], None, {}, {}, None)
+        (root / checkpoint.step_name(step) / checkpoint.WRITE_ORDER).unlink()
+
+    def names():
+        return [p.name for p in checkpoint.complete_checkpoints(root)]
+
+    expected = {1: ["step_0000200", "step_0000001"], 2: ["step_0000001", "step_0000002"]}
+    for step in (1, 2):
+        written = checkpoint.save(root, step, [model], None, {}, {}, keep=2)
+        assert written.is_dir() and names() == expected[step]
+        assert checkpoint.latest_checkpoint(root) == written
+        assert (root / checkpoint.LATEST).read_text() == written.name
+
+    # step 1 saved again (a resume after a crash before `latest` named step 2): now the newest
+    checkpoint.save(root, 1, [model], None, {}, {}, keep=2)
+    assert names() == ["step_0000002", "step_0000001"]
+    (root / checkpoint.LATEST).unlink()  # without the marker: the newest written, not the highest
+    assert checkpoint.latest_checkpoint(root) == root / "step_0000001"
+    assert checkpoint.prune(root, 1, root / "step_0000002") == [root / "step_0000001"]
+    assert names() == ["step_0000002"]
+
+
+def test_a_new_run_over_an_earlier_one_is_refused_unless_it_starts_over(tmp_path, capsys):
+    (tmp_path / "shard-0.tar").write_bytes(b"")
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_0000005").mkdir(parents=True)
+    (out / "checkpoints" / ".step_0000006.tmp").mkdir()
+    named = [f"data.train_shards={tmp_path / 'shard-0.tar'}", f"data.tokenizer={tmp_path}",
+             f"train.output_dir={out}"]  # fmt: skip
+    assert train.main([*named, "checkpoint.resume=false"]) == 2
+    assert capsys.readouterr().err == (
+        f"salm train: error: checkpoint.resume=false, but {out}/checkpoints holds checkpoints of "
+        "an earlier run (step_0000005): set checkpoint.start_over=true to move that run's "
+        f"outputs aside (into {out}/old-run-N) and start over, resume it "
+        "(checkpoint.resume=true), or train in another train.output_dir\n"
+    )
+    assert (out / "checkpoints" / "step_0000005").is_dir()  # untouched
+
+
+def test_start_over_moves_the_earlier_run_aside_and_deletes_nothing(single_rank, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_0000005").mkdir(parents=True)
+    (out / "tensorboard").mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 5}\n')
+    (out / "config.yaml").write_text("seed: 1\n")
+    (out / "notes.txt").write_text("mine")  # not a run output: stays
+    assert checkpoint.set_aside_earlier_run(out) == out / "old-run-1"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "old-run-1"]
+    assert sorted(p.name for p in (out / "old-run-1").iterdir()) == [
+        "checkpoints", "config.yaml", "metrics.jsonl", "tensorboard",
+    ]  # fmt: skip
+    assert (out / "old-run-1" / "checkpoints" / "step_0000005").is_dir()
+    assert checkpoint.set_aside_earlier_run(out) is None  # nothing left to move
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert checkpoint.set_aside_earlier_run(out) == out / "old-run-2"
+    assert (out / "old-run-1" / "metrics.jsonl").read_text() == '{"step": 5}\n'
+
+
+def test_a_resume_reading_the_data_otherwise_names_both_values(single_rank, caplog):
+    saved = {"data.shuffle_buffer": 8, "data.bucket_window": 16, "data.tokenizer": "sha1 ab"}
+    check_same_data("ckpt", saved, dict(saved))  # the same: resumes
+    check_same_data("ckpt", saved, None)  # a rank that reads no data
+    changed = {**saved, "data.shuffle_buffer": 4, "data.tokenizer": "sha1 cd", "new": 1}
+    with pytest.raises(ConfigError) as error:
+        check_same_data("ckpt", saved, changed)
+    assert str(error.value) == (
+        "ckpt was trained reading the data otherwise than this run would (data.shuffle_buffer: "
+        "checkpoint 8, this run 4; data.tokenizer: checkpoint sha1 ab, this run sha1 cd): "
+        "resuming would read samples twice or never. Resume with the checkpoint's values, or "
+        "start over (checkpoint.start_over=true) or in another train.output_dir"
+    )
+    with caplog.at_level("WARNING", logger="salm.checkpoint"):  # saved before they were recorded
+        check_same_data("ckpt", None, changed)
+    assert "ckpt records no data settings" in caplog.text
+
+
+def test_a_run_saves_its_paths_absolute(tmp_path):
+    relative = apply_overrides(Config(), [
+        "data.train_shards=data/shard-{000000..000003}.tar", "data.valid_shards=/abs/valid.tar",
+        "data.tokenizer=tok", "checkpoint.pretrained_llm=../llm",
+    ])  # fmt: skip
+    cfg = absolute_paths(relative, tmp_path)
+    assert cfg.data.train_shards == f"{tmp_path}/data/shard-{{000000..000003}}.tar"
+    assert cfg.data.valid_shards == "/abs/valid.tar"
+    assert cfg.data.tokenizer == f"{tmp_path}/tok"
+    assert cfg.train.output_dir == f"{tmp_path}/runs/salm"
+    assert cfg.checkpoint.pretrained_llm == f"{tmp_path}/../llm"
+    assert cfg.checkpoint.pretrained_encoder is None
+    assert absolute_paths(cfg, "/elsewhere") == cfg  # absolute ones stay
+    mixed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_shards="{/a,b}.tar"))
+    with pytest.raises(ConfigError, match="data.train_shards='{/a,b}.tar' mixes absolute and rel"):
+        absolute_paths(mixed, tmp_path)
 
 
 # ------------------------------------------------------------------- DDP buffers and groups
