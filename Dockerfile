@@ -4,7 +4,9 @@
 # On SLURM with pyxis: SALM_CONTAINER_IMAGE=salm-megatron:0.1 sbatch slurm/train_salm.sbatch ...
 FROM nvcr.io/nvidia/pytorch:25.09-py3
 
+# CUDA_DEVICE_MAX_CONNECTIONS=1: kernels launch in issue order (Megatron's TP/SP overlap).
 ENV PYTHONUNBUFFERED=1 \
+    CUDA_DEVICE_MAX_CONNECTIONS=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 

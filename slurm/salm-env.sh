@@ -14,6 +14,9 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# One hardware queue per GPU: kernels launch in issue order, so Megatron's TP/SP communication
+# overlaps the GEMM it was issued beside instead of queueing behind it.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 read -r -a SALM_COMMAND <<< "${SALM:-salm}"  # words: "python -m salm_megatron.cli" works
 
 CONTAINER_ARGS=()

@@ -65,6 +65,21 @@ def evaluating(module: torch.nn.Module):
             m.training = training
 
 
+# Rows of each rank's local input that Transformer Engine's FP8 GEMMs need a multiple of.
+FP8_ROWS = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
+
+
+def sequence_multiple(parallel, llm) -> int:
+    """What the merged audio+text sequence is padded to a multiple of. CP cuts it into 2*CP
+    chunks (two per CP rank, load-balanced); SP then splits a CP rank's positions over the TP
+    ranks; with FP8 the local rows, checked before SP's all-gather (micro-batch 1 at worst), must
+    be a multiple of :data:`FP8_ROWS`."""
+    cp, tp = parallel.context_parallel_size, parallel.tensor_model_parallel_size
+    split = cp * (tp if parallel.sequence_parallel else 1)  # ranks sharing one sequence
+    rows = FP8_ROWS[llm.fp8_recipe] if llm.fp8 else 1
+    return math.lcm(2 * cp if cp > 1 else 1, split * rows)
+
+
 class AudioPath(torch.nn.Module):
     """Audio -> log-mel -> SpecAugment (training only) -> encoder (encoder.type) -> adapter."""
 
@@ -213,12 +228,7 @@ class SpeechLLM(MegatronModule):
         self.llm = llm
         self.pre_process, self.post_process = llm.pre_process, llm.post_process
         self.vp_stage = vp_stage
-        # Sequence multiple: SP splits it over TP ranks; FP8 GEMMs want multiples of 16.
-        self.pad_multiple = math.lcm(
-            parallel.tensor_model_parallel_size,
-            16 if cfg.llm.fp8 else 1,
-            2 * parallel.context_parallel_size if parallel.context_parallel_size > 1 else 1,
-        )
+        self.pad_multiple = sequence_multiple(parallel, cfg.llm)
         if self.pre_process:
             self.audio = AudioPath(cfg, params_dtype)
             if cfg.model.ctc_weight:

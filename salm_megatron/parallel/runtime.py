@@ -45,7 +45,8 @@ def initialize(
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         parallel.validate_world(world_size)
         if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(cuda_device(local_rank, torch.cuda.device_count()))
         rendezvous = {}
         if world_size == 1 and "MASTER_PORT" not in os.environ:
             # One process outside any launcher: an in-memory store, no port to collide with.
@@ -81,6 +82,21 @@ def initialize(
         parallel.data_parallel_size(world_size),
         "nccl" if use_cuda else "gloo",
     )
+
+
+def cuda_device(local_rank: int, visible: int) -> int:
+    """The GPU of the process with ``local_rank`` among ``visible`` devices: its local rank, or
+    the only one where the scheduler shows each task just its own (``srun --gpus-per-task=1``:
+    one device in ``CUDA_VISIBLE_DEVICES``, local ranks 0..7)."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise RuntimeError(
+            f"LOCAL_RANK={local_rank}, but this process sees {visible} GPUs "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): "
+            "start one process per visible GPU"
+        )
+    return local_rank
 
 
 def set_seed(seed: int) -> None:

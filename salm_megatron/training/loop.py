@@ -221,8 +221,8 @@ class Trainer:
         """Continue from checkpoint ``path``: its data stream first (refused before anything
         loads when this run would read the data otherwise), then model, optimizer, counters."""
         own = checkpoint.own_rank_state(path)
-        if own is None:
-            raise TrainingError(
+        if own is None:  # alike on every rank, so rank 0 alone says it
+            raise ConfigError(
                 f"{path} was saved with data-parallel size {self._saved_dp(path)}, this run has "
                 f"{parallel_state.get_data_parallel_world_size()}: the data stream cannot "
                 "continue where it stopped (keep the data-parallel size, or start a new run "

@@ -1,7 +1,8 @@
 """Proves what a new user's first `salm train` runs meet, run as a user runs them: shards written
 by webdataset's own ShardWriter with only {"text"} train as ASR, samples without an instruction
 are skipped and counted, and a run with nothing to train on, missing shards, or a checkpoint of
-another model shape ends in one line naming the problem (exit 2), with no traceback."""
+another model shape or data-parallel size ends in one line naming the problem (exit 2), with no
+traceback."""
 
 from __future__ import annotations
 
@@ -155,3 +156,14 @@ def test_resume_with_another_model_shape_names_the_fields(folder, trained, tmp_p
     proc = salm_train(folder, f"train.output_dir={out}", "train.steps=3", "optim.lr=1e-3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and [r["step"] for r in records(out)][-1] == 3
+
+
+def test_resume_at_another_data_parallel_size_is_one_line(folder, trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    proc = salm_train(folder, f"train.output_dir={out}", "train.steps=3", nprocs=2)
+    line = one_error_line(proc, status=1)  # torchrun's own exit status
+    assert line.startswith(
+        f"salm train: error: {out}/checkpoints/step_0000002 was saved with data-parallel size 1, "
+        "this run has 2: the data stream cannot continue where it stopped"
+    )

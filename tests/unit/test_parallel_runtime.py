@@ -1,4 +1,5 @@
-"""Proves the runtime validates before starting and tears down cleanly; the CPU layer redirects."""
+"""Proves the runtime validates before starting and tears down cleanly, picks the GPU a process
+may use (one visible per task under srun), and the CPU layer redirects."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.distributed as dist
 from salm_megatron import parallel
 from salm_megatron.config import ConfigError, ParallelConfig
 from salm_megatron.parallel import cpu_compat
+from salm_megatron.parallel.runtime import cuda_device
 from tests.conftest import free_port
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compatibility layer only")
@@ -17,6 +19,14 @@ def test_bad_world_size_fails_before_any_process_group(monkeypatch):
     with pytest.raises(ConfigError, match="world size 3 is not divisible .* = 2 x 1 x 1 = 2"):
         parallel.initialize(ParallelConfig(tensor_model_parallel_size=2), rank=0, world_size=3)
     assert not dist.is_initialized()
+
+
+def test_each_process_takes_its_own_visible_gpu(monkeypatch):
+    assert [cuda_device(rank, 8) for rank in range(8)] == list(range(8))  # torchrun, 8 GPUs
+    assert [cuda_device(rank, 1) for rank in range(8)] == [0] * 8  # srun --gpus-per-task=1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=3, but this process sees 2 GPUs \(CUDA_"):
+        cuda_device(3, 2)
 
 
 def test_initialize_teardown_initialize(monkeypatch):
