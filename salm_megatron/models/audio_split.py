@@ -6,7 +6,7 @@ scatter). Instead of each rank encoding every segment, rank ``r`` of ``t`` encod
 ``r, r + t, ...`` and the embeddings are all-gathered. The gradient reaching the gathered
 embeddings is the same on every TP rank (Megatron's TP regions reduce it), so each rank keeps its
 own rows; its encoder gradient then covers its own segments only, and
-:func:`allreduce_split_grads` sums those over the TP group before the data-parallel reduction.
+:func:`reduce_replicated_grads` sums those over the TP group before the data-parallel reduction.
 BatchNorm statistics see only a rank's share (as they do per DP rank); the trainer averages the
 running statistics over the TP and DP ranks.
 """
@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 
 SPLIT_PREFIXES = ("audio.", "ctc.")  # parameters trained from a rank's own segments only
+# Parameters outside the LLM, replicated on the TP ranks of the first stage.
+REPLICATED_PREFIXES = (*SPLIT_PREFIXES, "cross_attention.")
 
 
 def tp_share(count: int) -> torch.Tensor:
@@ -65,20 +67,25 @@ def gather_lengths(local: torch.Tensor, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def allreduce_split_grads(model_chunks) -> None:
-    """Sum over the TP group the gradients of the parameters each rank trains from its own
-    segments (the first stage's audio path), in Megatron's ``main_grad`` buffers."""
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+def reduce_replicated_grads(model_chunks, split: bool) -> None:
+    """Make the gradients of the first stage's parts outside the LLM (:data:`REPLICATED_PREFIXES`,
+    replicated on the TP ranks) one over the TP group, in Megatron's ``main_grad`` buffers: the
+    sum for those each rank trains from its own segments (``split``: :data:`SPLIT_PREFIXES`), the
+    mean for the others (the BESTOW block; the audio path when not split), whose replicas would
+    otherwise drift apart where CUDA's backward is not deterministic. One all-reduce."""
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    if size == 1:
         return
-    grads = [
-        param.main_grad
-        for chunk in model_chunks
-        for name, param in chunk.module.named_parameters()
-        if name.startswith(SPLIT_PREFIXES) and param.requires_grad
-    ]
+    grads, summed = [], []
+    for chunk in model_chunks:
+        for name, param in chunk.module.named_parameters():
+            if name.startswith(REPLICATED_PREFIXES) and param.requires_grad:
+                grads.append(param.main_grad)
+                summed.append(split and name.startswith(SPLIT_PREFIXES))
     if not grads:
         return
     flat = torch.cat([g.flatten() for g in grads])
     torch.distributed.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
-    for grad, value in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-        grad.copy_(value.view_as(grad))
+    parts = flat.split([g.numel() for g in grads])
+    for grad, value, is_sum in zip(grads, parts, summed, strict=True):
+        grad.copy_(value.view_as(grad) if is_sum else value.view_as(grad) / size)

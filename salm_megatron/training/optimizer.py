@@ -23,7 +23,7 @@ from megatron.core.optimizer import (
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from ..config import Config, ConfigError
-from ..models.audio_split import allreduce_split_grads
+from ..models.audio_split import reduce_replicated_grads
 
 
 def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
@@ -44,13 +44,15 @@ def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[DistributedData
 
 
 def finalize_grads(cfg: Config):
-    """Megatron's ``finalize_model_grads``, after summing over TP the audio-path gradients that
-    each TP rank computed from its own share of the segments (``parallel.split_audio_over_tp``)."""
-    if not (cfg.parallel.split_audio_over_tp and cfg.parallel.tensor_model_parallel_size > 1):
+    """Megatron's ``finalize_model_grads``, after making one over TP the gradients of the parts
+    outside the LLM that TP ranks replicate (summed where each rank trained from its own share of
+    the segments, ``parallel.split_audio_over_tp``; averaged otherwise)."""
+    if cfg.parallel.tensor_model_parallel_size == 1:
         return finalize_model_grads
+    split = cfg.parallel.split_audio_over_tp
 
     def finalize(model, *args, **kwargs):
-        allreduce_split_grads(model)
+        reduce_replicated_grads(model, split)
         return finalize_model_grads(model, *args, **kwargs)
 
     return finalize
