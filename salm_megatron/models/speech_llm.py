@@ -239,14 +239,17 @@ class SpeechLLM(MegatronModule):
 
     def _freeze(self) -> list[str]:
         """Clear ``requires_grad`` of the frozen parts (LoRA adapters on a frozen LLM still
-        train); returns the frozen parts in which nothing trains, which stay in eval mode."""
+        train); returns the frozen audio parts in which nothing trains, which stay in eval
+        mode."""
         frozen = [prefix for prefix, switch in FROZEN_BY.items() if getattr(self.cfg.model, switch)]
         adapters = {id(p) for p in adapter_parameters(self.llm)}
         for name, param in self.named_parameters():
             if id(param) not in adapters and name.startswith(tuple(p + "." for p in frozen)):
                 param.requires_grad_(False)
         eval_parts = []
-        for prefix in frozen:
+        # Not the LLM: Megatron's activation recompute (llm.recompute) runs only in training mode,
+        # and gradients still flow through a frozen LLM to the audio path.
+        for prefix in (p for p in frozen if p != "llm"):
             part = _submodule(self, prefix)  # None where absent (no audio path after stage 0)
             if part is not None and not any(q.requires_grad for q in part.parameters()):
                 eval_parts.append(prefix)

@@ -1,8 +1,8 @@
 """Proves frozen parts stay in eval mode through a training step, also after the training loop's
 eval()/train() around validation: a frozen FastConformer's BatchNorm running statistics do not
 change and its dropout is off, while a trained one's statistics move and its dropout acts; a
-frozen LLM is in eval mode unless LoRA adapters train in it; the no-audio stand-in leaves every
-part in its own mode."""
+frozen LLM stays in training mode (Megatron recomputes only there); the no-audio stand-in leaves
+every part in its own mode."""
 
 import pytest
 import torch
@@ -68,16 +68,15 @@ def test_a_frozen_encoder_keeps_its_statistics_and_drops_nothing(single_rank, fr
         assert not torch.equal(first, second), "dropout should act in a trained encoder"
 
 
-def test_frozen_llm_is_in_eval_mode_unless_lora_trains_in_it(single_rank):
-    _, chunk, _, _ = _setup("model.freeze_llm=true")
-    chunk.train()
-    assert not any(m.training for m in chunk.llm.modules())
-    assert chunk.audio.training and chunk.audio.encoder.training
-
-    _, chunk, _, _ = _setup("model.freeze_llm=true", "lora.rank=2", "lora.dropout=0.5")
+def test_a_frozen_llm_stays_in_training_mode_for_recompute(single_rank):
+    """Megatron recomputes activations (llm.recompute) only in training mode, and gradients
+    still pass through a frozen LLM to the audio path: it is not put in eval mode."""
+    _, chunk, _, _ = _setup("model.freeze_llm=true", "llm.recompute=full")
     chunk.eval()
     chunk.train()
-    assert all(m.training for m in chunk.llm.modules()), "LoRA adapters train in the frozen LLM"
+    assert all(m.training for m in chunk.llm.modules())
+    assert not any(p.requires_grad for p in chunk.llm.parameters())
+    assert chunk.audio.training and chunk.audio.encoder.training
 
 
 def test_the_no_audio_stand_in_leaves_modes_alone(single_rank):
