@@ -698,9 +698,14 @@ class DataConfig:
     default_task: Optional[str] = "asr"
     # The instruction of a sample without a context (null: its task's default instruction).
     default_context: Optional[str] = None
+    # Each step's sequence length is rounded up to a multiple of this (and of what the layout
+    # needs): few distinct shapes, so attention kernels and fused ops are not rebuilt every step.
+    # null: 128 on a GPU, none on the CPU.
+    length_multiple: Optional[int] = None
 
     def __post_init__(self):
         self.train_shards = _weighted_shards("data.train_shards", self.train_shards)
+        _optional_positive("data.length_multiple", self.length_multiple)
         _choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)
         for name in ("default_task", "default_context"):
             value = getattr(self, name)
@@ -719,6 +724,12 @@ class DataConfig:
             low is None or high is None or low <= high,
             f"data.min_duration={low} is above data.max_duration={high}",
         )
+
+    def step_length_multiple(self, cuda: bool) -> int:
+        """``length_multiple``, or its default where null (128 on a GPU, 1 on the CPU)."""
+        if self.length_multiple is not None:
+            return self.length_multiple
+        return 128 if cuda else 1
 
     @property
     def train_datasets(self) -> list[tuple[str, float]]:

@@ -12,9 +12,11 @@ DP rank whose share has ended gets steps of no micro-batches (it still joins the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+import torch
 from megatron.core import parallel_state
 
 from ..config import Config, ConfigError
@@ -126,8 +128,9 @@ class StepBatches:
                 seed=cfg.seed,
                 **size,
             )
+            multiple = math.lcm(pad_multiple, data.step_length_multiple(torch.cuda.is_available()))
             self.groups = GlobalBatches(
-                self.batcher, cfg.train.num_microbatches, self.length, multiple=pad_multiple,
+                self.batcher, cfg.train.num_microbatches, self.length, multiple=multiple,
                 drop_last=train, one_size=not train and self.pipeline > 1,
             )  # fmt: skip
         self._iterator: Iterator | None = None

@@ -3,7 +3,7 @@ dropped, then steps of no micro-batches), samples over data.max_tokens are skipp
 `skipped`, and a weighted mix of datasets in data.train_shards draws by weight and resumes
 exactly by keys (a resume with other weights is refused); bad mix entries are ConfigErrors
 naming the entry, and so are windows that would end in a smaller micro-batch under pipeline
-parallelism."""
+parallelism; step lengths round to data.length_multiple (128 on a GPU by default)."""
 
 import pytest
 
@@ -169,3 +169,15 @@ def test_a_mix_records_its_weights_for_resume(single_rank, folder, tokenizer):
     assert settings(1)["data.train_shards weights"] == [3.0, 1.0]
     with pytest.raises(ConfigError, match=r"data.train_shards weights: checkpoint \[3.0, 1.0\], "):
         check_same_data("ckpt", settings(1), settings(2))
+
+
+def test_step_lengths_round_to_the_length_multiple(single_rank, folder, tokenizer):
+    assert _config(folder, tokenizer).data.step_length_multiple(cuda=True) == 128
+    assert _config(folder, tokenizer).data.step_length_multiple(cuda=False) == 1
+    cfg = _config(folder, tokenizer, "data.length_multiple=128")
+    lengths = {next(StepBatches(cfg, tokenizer, 4, train=True)).sequence_length for _ in range(3)}
+    assert lengths and all(n % 128 == 0 for n in lengths)
+    plain = next(StepBatches(_config(folder, tokenizer), tokenizer, 4, train=True))
+    assert plain.sequence_length % 4 == 0 and plain.sequence_length < 128  # the layout's only
+    with pytest.raises(ConfigError, match="data.length_multiple=0"):
+        _config(folder, tokenizer, "data.length_multiple=0")
