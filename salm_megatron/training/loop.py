@@ -33,8 +33,8 @@ from ..inference.evaluation import decode_samples, evaluation_stream, failure_me
 from ..inference.generation import Generator
 from ..inference.metrics import metrics_json, task_metrics
 from ..models import build_speech_llm
-from . import checkpoint, compatible
-from .compatible import check_same_data, check_same_model
+from . import checkpoint
+from .compatible import check_same_data, check_same_model, data_settings
 from .data import SKIP_REASONS, StepBatches, check_tokenizer
 from .optimizer import (
     average_batchnorm_statistics,
@@ -215,7 +215,7 @@ class Trainer:
     def data_settings(self) -> dict | None:
         """What decides the samples this rank's training steps read (recorded, then checked on
         resume)."""
-        return compatible.data_settings(self.cfg, self.tokenizer, self.data.streams)
+        return data_settings(self.cfg, self.tokenizer, self.data.streams)
 
     def _resume(self, path: Path) -> None:
         """Continue from checkpoint ``path``: its data stream first (refused before anything
