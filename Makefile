@@ -12,7 +12,7 @@ EXTRAS ?= test
 DEMO_ARGS := $(if $(BESTOW),--arch bestow)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-reference venv espeak clean
+.PHONY: demo test test-reference gpu-check venv espeak clean
 
 # The virtual environment, torch first (the CPU wheel where no torch is importable: an unpinned
 # torch would pull several GB of CUDA wheels), then the project with its test extra.
@@ -53,6 +53,12 @@ test: venv
 test-reference: venv
 	@$(PY) -c "import nemo.collections.asr" 2>/dev/null || $(PY) -m pip install --quiet -e ".[reference]"
 	$(PY) -m pytest -m reference tests
+
+# On a machine with one CUDA GPU: the GPU tests, a 1B-class SALM/BESTOW step in bf16 with MFU, and
+# the decoding benchmark, into gpu-check.log (tools/gpu_check.sh). Transformer Engine comes with
+# the Dockerfile's image, or with `make gpu-check EXTRAS=test,gpu`.
+gpu-check: venv
+	PY=$(PY) tools/gpu_check.sh gpu-check.log
 
 clean:
 	rm -rf $(VENV) .pytest_cache

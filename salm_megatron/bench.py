@@ -4,8 +4,10 @@ One process (TP=PP=1) on the GPU when there is one, else the CPU. Prints:
 
 - encoder: features + FastConformer + adapter forward on ``--batch`` clips of ``--seconds``,
   in audio seconds per second (inference, no gradients);
-- SALM and BESTOW: forward + backward of the whole model on the same batch (the same audio and
-  text), in seconds per step, with the length of the sequence the LLM reads.
+- SALM and BESTOW: forward + backward of the whole model under Megatron's DDP (as training runs
+  it, without the optimizer step) on the same batch (the same audio and text), in seconds per
+  step, with the length of the sequence the LLM reads, the model's matmul TFLOP/s and, in bf16
+  on a GPU of known peak (or ``--peak-tflops``), its MFU.
 
 ``salm bench-decode`` (:func:`decode_main`) times generation on the same kind of batch, and
 ``salm bench-data`` (:func:`data_main`) the data loader.
@@ -63,9 +65,48 @@ def _samples(cfg: Config, batch: int, seconds: float, prompt: int, answer: int) 
 
 def _batch(cfg: Config, batch: int, seconds: float, prompt: int, answer: int, device) -> dict:
     from .data import collate
+    from .models.speech_llm import to_device
 
     samples = _samples(cfg, batch, seconds, prompt, answer)
-    return {k: v.to(device) for k, v in collate(samples).items()}
+    return to_device(collate(samples), device)  # with its host copy, as training moves batches
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by GPU name, for MFU.
+PEAK_BF16_TFLOPS = {"B200": 2250, "H200": 989, "H100": 989, "H800": 989, "GH200": 989,
+                    "A100": 312, "A800": 312, "L40S": 362, "A10G": 70}  # fmt: skip
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of the GPU called ``device_name`` (None when not in the table)."""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+
+
+def _matmul_weights(module: torch.nn.Module | None) -> int:
+    """Elements of the weights a token or frame is multiplied with (matrices and kernels)."""
+    if module is None:
+        return 0
+    return sum(p.numel() for p in module.parameters() if p.dim() >= 2)
+
+
+def training_flops(model, batch: dict, length: int) -> float:
+    """Matmul FLOPs of one forward + backward (3 forwards' worth): per LLM position 2 per
+    decoder weight, the output layer and causal attention (QK and AV over half the sequence on
+    average); per encoder frame 2 per weight of the audio path; per text token 2 per weight of
+    the BESTOW block, as if every part trained. Embedding lookups, norms and the encoder's
+    attention scores are left out."""
+    from .models.speech_llm import on_host
+
+    cfg, host = model.cfg, on_host(batch)
+    llm, b = cfg.llm, host["input_ids"].shape[0]
+    positions = b * length
+    per_position = 2 * (
+        _matmul_weights(model.llm.decoder) + llm.padded_vocab_size * llm.hidden_size
+    )
+    attention = 2 * llm.num_layers * b * length * length * llm.num_attention_heads * llm.head_dim
+    frames = int(model.encoder_frames(host["audio_lengths"]).sum())
+    audio = 2 * _matmul_weights(model.audio) * frames
+    block = 2 * _matmul_weights(getattr(model, "cross_attention", None)) * host["input_ids"].numel()
+    return 3.0 * (per_position * positions + attention + audio + block)
 
 
 def _model(cfg: Config, device, dtype) -> torch.nn.Module:
@@ -77,8 +118,11 @@ def _model(cfg: Config, device, dtype) -> torch.nn.Module:
     return model.to(device)
 
 
-def _measure(cfg: Config, args, device, dtype) -> tuple[float, float, int]:
-    """Encoder forward time, model forward+backward time and LLM sequence length for one arch."""
+def _measure(cfg: Config, args, device, dtype) -> tuple[float, float, int, float]:
+    """Encoder forward time, model forward+backward time, LLM sequence length and the step's
+    matmul FLOPs for one arch."""
+    from .training.optimizer import wrap_ddp
+
     model = _model(cfg, device, dtype)
     batch = _batch(cfg, args.batch, args.seconds, args.prompt, args.answer, device)
     model.eval()
@@ -87,12 +131,20 @@ def _measure(cfg: Config, args, device, dtype) -> tuple[float, float, int]:
             lambda: model.audio(batch["audio"], batch["audio_lengths"]), args.warmup, args.repeats
         )
     model.train()
+    (ddp,) = wrap_ddp(cfg, [model])  # as training runs it: gradients into DDP's main_grad
 
     def step():
-        model.zero_grad(set_to_none=True)
-        model(batch).float().sum().backward()
+        ddp.zero_grad_buffer()
+        ddp(batch).float().sum().backward()
+        ddp.finish_grad_sync()
 
-    return encode, _time(step, args.warmup, args.repeats), model.layout(batch, None).length
+    length = model.layout(batch, None).length
+    return (
+        encode,
+        _time(step, args.warmup, args.repeats),
+        length,
+        training_flops(model, batch, length),
+    )
 
 
 def _start(cfg: Config, args) -> tuple[torch.device, torch.dtype]:
@@ -131,10 +183,15 @@ def run(cfg: Config, args) -> None:
 
     encode = results["salm"][0]
     print(f"encoder forward: {encode * 1e3:8.1f} ms/batch  {audio_seconds / encode:9.1f} audio s/s")
-    for arch, (_, seconds, length) in results.items():
+    peak = args.peak_tflops
+    if peak is None and device.type == "cuda" and dtype == torch.bfloat16:
+        peak = peak_tflops(torch.cuda.get_device_name())
+    for arch, (_, seconds, length, flops) in results.items():
+        tflops = flops / seconds / 1e12
+        mfu = f"  MFU {tflops / peak:6.1%}" if peak else ""
         print(
             f"{arch:>6} forward+backward: {seconds * 1e3:8.1f} ms/step  LLM sequence {length:5d}  "
-            f"{audio_seconds / seconds:8.1f} audio s/s"
+            f"{audio_seconds / seconds:8.1f} audio s/s  {tflops:7.2f} TFLOP/s{mfu}"
         )
     print(f"SALM / BESTOW step time: {results['salm'][1] / results['bestow'][1]:.2f}")
     parallel.teardown()
@@ -182,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         "example: salm bench encoder.preset=fastconformer-large --batch 4 --seconds 10",
     )
     parser.add_argument("--answer", type=int, default=48, help="answer tokens (default 48)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None,
+        help="the device's peak TFLOP/s for MFU (default: the bf16 peak of known GPUs)",
+    )  # fmt: skip
     args, cfg = _parse(parser, argv, ("answer",))
     if cfg is None:
         return 2

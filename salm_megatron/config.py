@@ -43,6 +43,17 @@ FP8_FORMATS = (None, "hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 RECOMPUTE = ("none", "selective", "full")
+# Megatron-Core's selective-recompute modules (TransformerConfig.recompute_modules) and, for those
+# this decoder has nothing for, why. The layer spec decides the rest (llm/model.py).
+RECOMPUTE_MODULES = {
+    "core_attn": None,  # softmax(QK^T)V: large with unfused attention, little with flash / TE
+    "mlp": None,  # the whole MLP
+    "layernorm": None,  # both norms, outputs dropped until backward (local spec only)
+    "moe": "needs MoE layers",
+    "moe_act": "needs MoE layers",
+    "shared_experts": "needs MoE layers",
+    "mla_up_proj": "needs multi-latent attention",
+}
 
 
 @dataclass
@@ -70,8 +81,10 @@ class LLMConfig:
     fp8_recipe: str = "delayed"
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"
-    # Activation recompute: selective recomputes core attention, full every layer's input.
+    # Activation recompute: selective recomputes recompute_modules, full every layer's input.
     recompute: str = "none"
+    # With recompute: selective, what to recompute (see RECOMPUTE_MODULES); Megatron's default.
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
 
     def __post_init__(self):
         for name in (
@@ -109,10 +122,32 @@ class LLMConfig:
         _choice("llm.fp8_recipe", self.fp8_recipe, FP8_RECIPES)
         _choice("llm.fp8_amax_compute_algo", self.fp8_amax_compute_algo, ("max", "most_recent"))
         _choice("llm.recompute", self.recompute, RECOMPUTE)
+        self._check_recompute_modules()
         _require(
             self.fp8 is None or self.transformer_impl != "local",
             f"llm.fp8={self.fp8!r} needs Transformer Engine, but llm.transformer_impl='local'",
         )
+
+    def _check_recompute_modules(self) -> None:
+        modules = self.recompute_modules
+        allowed = [module for module, why in RECOMPUTE_MODULES.items() if why is None]
+        _require(
+            isinstance(modules, (list, tuple))
+            and len(modules) > 0
+            and all(isinstance(m, str) for m in modules)
+            and len(set(modules)) == len(modules),
+            f"llm.recompute_modules={modules!r} must be a list of distinct names, some of "
+            f"{', '.join(allowed)}",
+        )
+        for module in modules:
+            _choice("llm.recompute_modules entry", module, tuple(RECOMPUTE_MODULES))
+            why = RECOMPUTE_MODULES[module]
+            _require(
+                why is None,
+                f"llm.recompute_modules: {module!r} {why}, which this decoder does not have; "
+                f"use some of {', '.join(allowed)}",
+            )
+        self.recompute_modules = list(modules)
 
     @property
     def head_dim(self) -> int:
@@ -199,6 +234,9 @@ def llm_preset(name: str, **overrides: Any) -> LLMConfig:
 # ---------------------------------------------------------------------------------------- parallel
 
 
+UNEVEN_STAGE_FIELDS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
+
+
 @dataclass
 class ParallelConfig:
     """Model-parallel layout. Data parallelism is what remains of the world size."""
@@ -211,6 +249,11 @@ class ParallelConfig:
     # The first stage's TP ranks encode different audio segments and gather the embeddings,
     # instead of each encoding all of them (see models/audio_split.py).
     split_audio_over_tp: bool = True
+    # Uneven pipeline (Megatron's): LLM layers on the first stage, which also runs the audio path,
+    # and on the last, which also runs the output layer and loss; the other stages share the rest
+    # evenly (see pipeline_stage_layers). None: an even split. With one stage they do not apply.
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
 
     def __post_init__(self):
         for name in (
@@ -228,9 +271,32 @@ class ParallelConfig:
                 f"parallel.pipeline_model_parallel_size > 1 (it is "
                 f"{self.pipeline_model_parallel_size})",
             )
+        self._check_uneven_stages()
         _require(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1",
+        )
+
+    def _check_uneven_stages(self) -> None:
+        vpp = self.virtual_pipeline_model_parallel_size
+        uneven = {name: getattr(self, name) for name in UNEVEN_STAGE_FIELDS}
+        uneven = {name: value for name, value in uneven.items() if value is not None}
+        for name, value in uneven.items():
+            _positive(f"parallel.{name}", value)
+            _require(
+                vpp is None or value % vpp == 0,
+                f"parallel.{name}={value} is not divisible by "
+                f"parallel.virtual_pipeline_model_parallel_size={vpp} (each model chunk of a "
+                "stage holds as many layers)",
+            )
+        # Megatron-Core 0.16 computes the layer offsets of interleaved stages through the middle
+        # stages, and divides by their number (ZeroDivisionError when there is none).
+        _require(
+            not (len(uneven) == 2 and vpp is not None and self.pipeline_model_parallel_size == 2),
+            "parallel.num_layers_in_first_pipeline_stage and num_layers_in_last_pipeline_stage "
+            f"cannot both be set with parallel.virtual_pipeline_model_parallel_size={vpp} at "
+            "parallel.pipeline_model_parallel_size=2 (Megatron-Core needs a stage between them); "
+            "set one, and the other stage holds the remaining layers",
         )
 
     @property
@@ -259,6 +325,33 @@ class ParallelConfig:
         )
 
 
+def pipeline_stage_layers(llm: LLMConfig, parallel: ParallelConfig) -> list[int]:
+    """LLM layers on each pipeline rank, split as Megatron-Core splits them: the first and last
+    ranks hold ``parallel.num_layers_in_first/last_pipeline_stage`` where set, the other ranks
+    share the remaining layers evenly. A ConfigError names the numbers where they cannot."""
+    pp, layers = parallel.pipeline_model_parallel_size, llm.num_layers
+    ends = {name: getattr(parallel, name) for name in UNEVEN_STAGE_FIELDS} if pp > 1 else {}
+    ends = {name: n for name, n in ends.items() if n is not None}
+    others, rest = pp - len(ends), layers - sum(ends.values())
+    if not ends:
+        _require(
+            layers % pp == 0,
+            f"llm.num_layers={layers} is not divisible by "
+            f"parallel.pipeline_model_parallel_size={pp}",
+        )
+    _require(
+        rest >= 0 and (rest > 0) == (others > 0) and (others == 0 or rest % others == 0),
+        f"llm.num_layers={layers} less "
+        + " and ".join(f"parallel.{name}={n}" for name, n in ends.items())
+        + f" leaves {rest} layers for the {others} other stages of "
+        f"parallel.pipeline_model_parallel_size={pp}: they must share them evenly, at least one "
+        "each (or none when there is no other stage)",
+    )
+    first, last = (ends.get(name) for name in UNEVEN_STAGE_FIELDS)
+    middle = [rest // others] * others if others else []
+    return [first] * (first is not None) + middle + [last] * (last is not None)
+
+
 def validate_layout(llm: LLMConfig, parallel: ParallelConfig) -> None:
     """Reject model/parallel combinations that cannot be split, naming the numbers."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
@@ -269,11 +362,21 @@ def validate_layout(llm: LLMConfig, parallel: ParallelConfig) -> None:
             value % tp == 0,
             f"llm.{name}={value} is not divisible by parallel.tensor_model_parallel_size={tp}",
         )
-    _require(
-        llm.num_layers % (pp * chunks) == 0,
-        f"llm.num_layers={llm.num_layers} is not divisible by pipeline_model_parallel_size "
-        f"x virtual_pipeline_model_parallel_size = {pp} x {chunks} = {pp * chunks}",
-    )
+    if pp == 1 or all(getattr(parallel, name) is None for name in UNEVEN_STAGE_FIELDS):
+        _require(
+            llm.num_layers % (pp * chunks) == 0,
+            f"llm.num_layers={llm.num_layers} is not divisible by pipeline_model_parallel_size "
+            f"x virtual_pipeline_model_parallel_size = {pp} x {chunks} = {pp * chunks}",
+        )
+    stages = pipeline_stage_layers(llm, parallel)
+    for n in stages:
+        _require(
+            n % chunks == 0,
+            f"llm.num_layers={llm.num_layers} split over the pipeline stages as "
+            f"{' + '.join(map(str, stages))} puts {n} layers on a stage, not divisible by "
+            f"parallel.virtual_pipeline_model_parallel_size={chunks} (each model chunk of a "
+            "stage holds as many layers)",
+        )
     _require(
         parallel.context_parallel_size == 1 or llm.transformer_impl != "local",
         f"parallel.context_parallel_size={parallel.context_parallel_size} needs Transformer "
@@ -367,8 +470,9 @@ class EncoderConfig:
     ``type: whisper`` is Whisper's encoder instead (two convolutions, the second of stride 2,
     sinusoidal positions, pre-LN transformer layers) behind Whisper's log-mel front end (see
     ``audio/whisper.py``). It reads d_model, num_layers, num_heads, ff_expansion_factor, dropout,
-    dropout_att, max_source_positions and features (sample_rate, n_mels, n_fft, window_size,
-    window_stride, dither); the convolution-module and subsampling-channel fields do not apply.
+    dropout_att, max_source_positions, recompute_layers and features (sample_rate, n_mels, n_fft,
+    window_size, window_stride, dither); the convolution-module and subsampling-channel fields do
+    not apply.
 
     The defaults are the ``tiny`` test size; ``encoder_preset`` gives NVIDIA's sizes.
     """
@@ -391,6 +495,9 @@ class EncoderConfig:
     dropout_att: float = 0.1
     # whisper: rows of the position table; inputs up to twice as many feature frames (30 s).
     max_source_positions: int = 1500
+    # Activation recompute: the first N layers keep only their inputs in training and run again
+    # in backward (audio/recompute.py). 0: off; num_layers: every layer.
+    recompute_layers: int = 0
     features: FeatureConfig = field(default_factory=FeatureConfig)
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
 
@@ -432,6 +539,12 @@ class EncoderConfig:
             _fraction(f"encoder.{name}", getattr(self, name))
         _choice("encoder.type", self.type, ENCODER_TYPES)
         _positive("encoder.max_source_positions", self.max_source_positions)
+        _require(
+            isinstance(self.recompute_layers, int)
+            and 0 <= self.recompute_layers <= self.num_layers,
+            f"encoder.recompute_layers={self.recompute_layers!r} must be an integer from 0 (off) "
+            f"to encoder.num_layers={self.num_layers} (every layer)",
+        )
         if self.type == "whisper":
             self._check_whisper()
 
@@ -617,10 +730,21 @@ class ModelConfig:
     # against each audio segment's transcript, added with this weight. Gives an encoder trained
     # from scratch a direct signal; 0 turns it off.
     ctc_weight: float = 0.0
+    # The CTC head's own vocabulary: a tokenizer (SentencePiece model or HF folder, e.g. the
+    # encoder's 1024 tokens) that transcripts are tokenized with for CTC. null: the LLM's, whose
+    # 128k-token logits take about 1 GB in fp32 per 4 x 40 s of audio. Training sets
+    # ctc_vocab_size from it (a value given must be the tokenizer's).
+    ctc_tokenizer: Optional[str] = None
+    ctc_vocab_size: Optional[int] = None
 
     def __post_init__(self):
         _choice("model.arch", self.arch, ARCHS)
         _require(self.ctc_weight >= 0, f"model.ctc_weight={self.ctc_weight} must be >= 0")
+        if self.ctc_vocab_size is not None:
+            _require(
+                self.ctc_vocab_size >= 1,
+                f"model.ctc_vocab_size={self.ctc_vocab_size} must be >= 1 (or null)",
+            )
         if self.audio_token_id is not None:
             _require(
                 self.audio_token_id >= 0,
@@ -793,6 +917,14 @@ class OptimConfig:
     warmup_steps: int = 0
     decay_steps: Optional[int] = None  # null: train.steps - warmup_steps
     distributed: bool = True  # shard optimizer states over data-parallel ranks
+    # Data-parallel gradient reduction during the backward pass, bucket by bucket as the
+    # buckets' gradients are complete (last micro-batch), instead of all at once after it.
+    overlap_grad_reduce: bool = True
+    # The distributed optimizer's parameter all-gather during the next forward pass, bucket by
+    # bucket as layers need them. Only with optim.distributed and optim.overlap_grad_reduce.
+    overlap_param_gather: bool = True
+    # Parameters per gradient bucket when overlapping; null: Megatron's max(4e7, 1e6 x DP).
+    bucket_size: Optional[int] = None
 
     def __post_init__(self):
         for name in ("lr", "min_lr", "weight_decay", "adam_eps", "clip_grad"):
@@ -810,6 +942,10 @@ class OptimConfig:
             f"optim.warmup_steps={self.warmup_steps!r} must be an integer >= 0",
         )
         _optional_positive("optim.decay_steps", self.decay_steps)
+        _optional_positive("optim.bucket_size", self.bucket_size)
+        for name in ("distributed", "overlap_grad_reduce", "overlap_param_gather"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), f"optim.{name}={value!r} must be true or false")
 
 
 @dataclass
@@ -858,6 +994,10 @@ class TrainConfig:
         return self.global_batch_size // per_microbatch
 
 
+# How training checkpoints lay out the distributed optimizer's state (training/optimizer_state.py).
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
+
+
 @dataclass
 class CheckpointConfig:
     """Training checkpoints (``<train.output_dir>/checkpoints``) and pretrained weights."""
@@ -873,6 +1013,11 @@ class CheckpointConfig:
     start_over: bool = False
     # Write checkpoints in a background process while training goes on; one in flight at a time.
     async_save: bool = False
+    # The optimizer state's layout in the checkpoints this run writes (any loads):
+    # dp_reshardable: each rank writes its own shard, nothing is gathered; it loads only at the
+    # same TP/PP/VPP. fully_reshardable: loads at any layout, but every save all-gathers the
+    # whole optimizer state to every data-parallel rank first (host memory, time).
+    optimizer_format: str = "dp_reshardable"
     # Megatron dist checkpoints to start from (ignored when resuming): an LLM with GPTModel's keys,
     # an encoder with FastConformerEncoder's (NeMo's) keys. Any TP/PP layout loads.
     pretrained_llm: Optional[str] = None
@@ -885,6 +1030,7 @@ class CheckpointConfig:
     def __post_init__(self):
         _optional_positive("checkpoint.interval", self.interval)
         _optional_positive("checkpoint.keep", self.keep)
+        _choice("checkpoint.optimizer_format", self.optimizer_format, OPTIMIZER_FORMATS)
 
 
 # ---------------------------------------------------------------------------------- generation
@@ -1005,6 +1151,7 @@ class Config:
 PATH_FIELDS = (
     "data.train_shards", "data.valid_shards", "data.tokenizer", "train.output_dir",
     "checkpoint.pretrained_llm", "checkpoint.pretrained_encoder", "checkpoint.pretrained_model",
+    "model.ctc_tokenizer",
 )  # fmt: skip
 SHARD_FIELDS = ("data.train_shards", "data.valid_shards")  # brace patterns and globs
 

@@ -84,6 +84,15 @@ def nemo_reference():
     return module
 
 
+def pytest_configure(config):
+    """Only ``pytest -m gpu`` (tests/gpu) sees the GPUs. Every other test runs on the CPU also
+    where a GPU is: they compare with fp32 CPU references and launch several processes on one
+    machine over gloo (NCCL would put them all on one device). CUDA is not initialised yet here,
+    so hiding the devices holds for this process and the jobs it launches."""
+    if (config.option.markexpr or "").strip() != "gpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

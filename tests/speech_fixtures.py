@@ -183,3 +183,19 @@ def training_config(folder: Path, arch: str) -> dict:
         "train": {"steps": 12, "num_microbatches": 2, "log_interval": 1},
         "checkpoint": {"interval": None},
     }  # fmt: skip
+
+
+def ddp_step(model, optimizer) -> float:
+    """One training step on the tiny SALM batch under Megatron DDP, as the loop takes it (the
+    step must apply); returns the loss."""
+    from salm_megatron.data import collate
+    from salm_megatron.training.optimizer import optimizer_step
+
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = model[0](collate(speech_samples("salm"))).sum()
+    loss.backward()
+    model[0].finish_grad_sync()
+    assert optimizer_step(optimizer, clip_grad=1.0)[0]
+    return loss.item()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from salm_megatron.audio.masks import check_features, valid_mask
+from salm_megatron.audio.recompute import run_layers
 from salm_megatron.config import EncoderConfig
 
 # Masked attention scores: exp() of it underflows to 0 next to any real score (NeMo's value).
@@ -281,8 +282,9 @@ class FastConformerEncoder(nn.Module):
         x, pos_emb = self.pos_enc(x)
         valid = valid_mask(lengths, x.size(1))
         allowed = attention_mask(valid, self.cfg.att_context_size)
-        for layer in self.layers:
-            x = layer(x, pos_emb, valid, allowed)
+        x = run_layers(
+            self.layers, x, pos_emb, valid, allowed, recompute_layers=self.cfg.recompute_layers
+        )
         return x, lengths
 
 

@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+
+def require(holds: torch.Tensor, message: Callable[[], str]) -> None:
+    """Fail unless every element of the bool tensor ``holds`` is true, without making the host
+    wait for a GPU: on the CPU a ValueError with ``message()`` (which may name values); on a GPU
+    the check runs on the device, and a failure surfaces as a device-side assert at a later
+    call (``CUDA_LAUNCH_BLOCKING=1`` reports it at this one). For invariants of values only the
+    device holds; input the host holds is checked there, with a ValueError."""
+    if holds.device.type == "cpu":
+        if not bool(holds.all()):
+            raise ValueError(message())
+    else:
+        torch._assert_async(holds.all(), DEVICE_CHECK_FAILED)
+
+
+DEVICE_CHECK_FAILED = (
+    "a salm_megatron check on the GPU failed: the same batch on the CPU names the values"
+)
 
 
 def valid_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -18,8 +38,10 @@ def check_lengths(name: str, lengths: torch.Tensor, batch: int, size: int) -> No
         )
     if lengths.is_floating_point() or lengths.is_complex():
         raise ValueError(f"{name} must be integers; got {lengths.dtype}")
-    if batch and (lengths.min() < 0 or lengths.max() > size):
-        raise ValueError(f"{name}={lengths.tolist()} must lie in [0, {size}] (the padded length)")
+    require(
+        (lengths >= 0) & (lengths <= size),
+        lambda: f"{name}={lengths.tolist()} must lie in [0, {size}] (the padded length)",
+    )
 
 
 def ceil_div(lengths: torch.Tensor, k: int) -> torch.Tensor:

@@ -20,7 +20,8 @@ from torch import nn
 
 from salm_megatron.audio.fastconformer import conv_output_lengths
 from salm_megatron.audio.features import MelFrontEnd, feature_lengths
-from salm_megatron.audio.masks import check_features, valid_mask
+from salm_megatron.audio.masks import check_features, require, valid_mask
+from salm_megatron.audio.recompute import run_layers
 from salm_megatron.config import EncoderConfig, FeatureConfig
 
 # Whisper's log-mel scaling: power floor before log10, dynamic range kept below the maximum, and
@@ -173,13 +174,15 @@ class WhisperEncoder(nn.Module):
         lengths = lengths.long()
         out_lengths = self.output_lengths(lengths)
         limit = self.cfg.max_source_positions
-        if features.size(0) and int(out_lengths.max()) > limit:
-            raise ValueError(
+        require(
+            out_lengths <= limit,
+            lambda: (
                 f"an input of {int(lengths.max())} feature frames encodes to "
                 f"{int(out_lengths.max())} > encoder.max_source_positions={limit} frames "
                 f"(Whisper takes at most {2 * limit} frames: "
                 f"{2 * limit * self.cfg.features.window_stride:g} s)"
-            )
+            ),
+        )
         x = features.masked_fill(~valid_mask(lengths, features.size(2))[:, None], 0.0)
         x = F.gelu(self.conv1(x))
         x = x.masked_fill(~valid_mask(lengths, x.size(2))[:, None], 0.0)  # conv2 sees zeros
@@ -189,8 +192,7 @@ class WhisperEncoder(nn.Module):
         valid = valid_mask(out_lengths, t)
         bias = torch.zeros(valid.shape, dtype=x.dtype, device=x.device)
         bias = bias.masked_fill(~valid, _MASKED_SCORE)[:, None, None, :]  # [b, 1, 1, t]
-        for layer in self.layers:
-            x = layer(x, bias)
+        x = run_layers(self.layers, x, bias, recompute_layers=self.cfg.recompute_layers)
         return self.layer_norm(x).masked_fill(~valid[..., None], 0.0), out_lengths
 
 

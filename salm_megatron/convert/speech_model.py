@@ -93,9 +93,9 @@ class SpeechParts(torch.nn.Module):
 
     def __init__(self, cfg: Config, dtype: torch.dtype):
         super().__init__()
-        self.audio = AudioPath(cfg, dtype)
+        self.audio = AudioPath(cfg, dtype)  # fp32 weights, as in training
         if cfg.model.ctc_weight:
-            self.ctc = CTCHead(cfg.encoder.d_model, cfg.llm.vocab_size).to(dtype)
+            self.ctc = CTCHead(cfg.encoder.d_model, cfg.model.ctc_vocab_size or cfg.llm.vocab_size)
         if cfg.model.arch == "bestow":
             self.cross_attention = BestowCrossAttention(cfg.llm.hidden_size, cfg.bestow).to(dtype)
 
@@ -147,12 +147,10 @@ def _load_speech_parts(cfg: Config, found: Path) -> SpeechParts:
 
     saved = FileSystemReader(str(found)).read_metadata().state_dict_metadata
     parts = SpeechParts(cfg, torch.float32)
-    floating = [
-        saved[k].properties.dtype
-        for k in _tensors(parts)
-        if k in saved and saved[k].properties.dtype.is_floating_point
-    ]
-    parts.to(floating[0] if floating else torch.float32)  # as training built them
+    with torch.no_grad():  # each tensor in its saved dtype (training keeps the audio path fp32)
+        for name, tensor in (*parts.named_parameters(), *parts.named_buffers()):
+            if name in saved and tensor.is_floating_point():
+                tensor.data = tensor.data.to(saved[name].properties.dtype)
     group = parallel_state.get_tensor_model_parallel_group()
     sharded = sharded_state_dict_default(parts, prefix="", tp_group=group)
     # A frozen encoder's weights may be left out (its buffers are saved); nothing else may be.

@@ -11,17 +11,24 @@ from .prompts import build_prompt, generation_prompt, instruction
 from .tokenizers import Tokenizer
 
 
-def make_sample(raw: dict, tokenizer: Tokenizer, prompt_format: str, arch: str) -> SpeechSample:
+def make_sample(
+    raw: dict,
+    tokenizer: Tokenizer,
+    prompt_format: str,
+    arch: str,
+    ctc_tokenizer: Tokenizer | None = None,
+) -> SpeechSample:
     """Prompt + answer of one decoded sample: SALM prompts carry the audio placeholder. What is
-    spoken (auxiliary CTC target) is the JSON's ``transcript``, else the answer of an ``asr``
-    sample, else unknown."""
+    spoken (auxiliary CTC target, in ``ctc_tokenizer``'s ids, default ``tokenizer``'s) is the
+    JSON's ``transcript``, else the answer of an ``asr`` sample, else unknown."""
     context = instruction(raw.get("task"), raw.get("context"), raw.get("lang"))
     segments = 1 if arch == "salm" else 0
     prompt = build_prompt(tokenizer, prompt_format, context, raw["answer"], segments)
     spoken = (raw.get("extra") or {}).get("transcript")
     if spoken is None and raw.get("task") == "asr":
         spoken = raw["answer"]
-    transcripts = [tokenizer.encode(spoken) if isinstance(spoken, str) and spoken else None]
+    spelled = ctc_tokenizer or tokenizer
+    transcripts = [spelled.encode(spoken) if isinstance(spoken, str) and spoken else None]
     return SpeechSample(
         prompt.input_ids, prompt.answer_mask, [raw["audio"]], key=raw.get("key"),
         transcripts=transcripts,

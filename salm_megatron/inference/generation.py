@@ -26,7 +26,7 @@ from ..config import DecodeConfig
 from ..data.collate import SpeechSample, collate
 from ..data.prompts import generation_prompt
 from ..data.tokenizers import Tokenizer
-from ..models.speech_llm import SpeechLLM
+from ..models.speech_llm import SpeechLLM, to_device
 
 
 def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -169,7 +169,8 @@ class Generator:
         return tokenizer.decode(tokens).strip()
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) for k, v in batch.items()}
+        """The batch on the model's device, with its host copy (the model plans from it)."""
+        return to_device(batch, self.device)
 
     def llm(self, emb: torch.Tensor, mask: torch.Tensor, context) -> torch.Tensor:
         """Last position's logits ``[b, V]`` (float32; ids outside the tokenizer and banned ids

@@ -5,11 +5,78 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.models.common.language_module import language_module
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.layers import _grad_accum_fusion_available
+from megatron.core.tensor_parallel.random import HAVE_TE
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..config import LLMConfig, ParallelConfig, validate_layout
+from ..config import UNEVEN_STAGE_FIELDS, ConfigError, LLMConfig, ParallelConfig, validate_layout
 from .specs import decoder_spec, uses_transformer_engine
+
+# Selective-recompute modules a layer spec cannot recompute, and why (config.RECOMPUTE_MODULES
+# has those this decoder has at all).
+_TE_FUSED_NORMS = (
+    "the TE spec fuses both norms into the following linear, so there is no norm output to drop; "
+    "use core_attn or mlp"
+)
+_NORMS_NEED_TE = (
+    "Megatron-Core 0.16 recomputes norms through CheckpointWithoutOutput, which reads Transformer "
+    "Engine's FP8 state even without FP8, so it needs Transformer Engine installed; use core_attn "
+    "or mlp"
+)
+NOT_RECOMPUTABLE = {
+    "transformer_engine": {"layernorm": _TE_FUSED_NORMS},
+    "local": {} if HAVE_TE else {"layernorm": _NORMS_NEED_TE},
+}
+
+
+def recompute_settings(llm: LLMConfig, te: bool) -> dict:
+    """``TransformerConfig``'s recompute fields for ``llm.recompute``: full recomputes each
+    layer from its input; selective the ``llm.recompute_modules`` the layer spec can."""
+    if llm.recompute == "full":
+        return dict(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
+    if llm.recompute != "selective":
+        return {}
+    spec = "transformer_engine" if te else "local"
+    for module in llm.recompute_modules:
+        why = NOT_RECOMPUTABLE[spec].get(module)
+        if why:
+            raise ConfigError(
+                f"llm.recompute_modules: {module!r} with the {spec} layer spec: {why}"
+            )
+    return dict(recompute_granularity="selective", recompute_modules=list(llm.recompute_modules))
+
+
+def kernel_settings(te: bool, interleaved: bool) -> dict:
+    """``TransformerConfig``'s fused kernels and pipeline memory: each on where what it needs is
+    here (a CUDA device; Transformer Engine or apex), off elsewhere. The unfused paths compute
+    the same thing."""
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        apply_rope_fusion=te,
+        bias_activation_fusion=te,
+        bias_dropout_fusion=on_gpu,  # a torch.jit kernel for CUDA
+        masked_softmax_fusion=te,
+        persist_layer_norm=False,
+        # Weight gradients added to DDP's fp32 main_grad inside the GEMM (no bf16 .grad, no
+        # extra add). TE's linears can; GPTModel's output layer is always Megatron's own, which
+        # needs apex's fused_weight_gradient_mlp_cuda (Megatron refuses the setting without it).
+        # A backward pass then needs Megatron's DDP around the model (it makes main_grad).
+        gradient_accumulation_fusion=on_gpu and _grad_accum_fusion_available,
+        # The vocab-parallel cross entropy in one fused kernel: TE's with the TE spec (when
+        # this TE has it), else Megatron's own (torch.compile'd, built for CUDA here).
+        cross_entropy_loss_fusion=on_gpu,
+        cross_entropy_fusion_impl=(
+            "te" if te and language_module.te_parallel_cross_entropy is not None else "native"
+        ),
+        # A pipeline stage's output keeps only its autograd graph once sent (its data freed).
+        # On the CPU only where sends complete before that: gloo reads an in-flight send's
+        # memory, which freeing it would hand back (overlap_p2p_comm, below, sends async).
+        deallocate_pipeline_outputs=on_gpu or not interleaved,
+    )
 
 
 def transformer_config(
@@ -27,13 +94,10 @@ def transformer_config(
             fp8_amax_history_len=llm.fp8_amax_history_len,
             fp8_amax_compute_algo=llm.fp8_amax_compute_algo,
         )
-    recompute = {}
-    if llm.recompute == "selective":
-        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
-    elif llm.recompute == "full":
-        recompute = dict(
-            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
-        )
+    recompute = recompute_settings(llm, te)
+    # Uneven stages; with one stage every layer is there (Megatron would build only these).
+    uneven = {name: getattr(parallel, name) for name in UNEVEN_STAGE_FIELDS}
+    uneven = uneven if parallel.pipeline_model_parallel_size > 1 else {}
     return TransformerConfig(
         num_layers=llm.num_layers,
         hidden_size=llm.hidden_size,
@@ -60,12 +124,7 @@ def transformer_config(
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
-        # Fused kernels exist only on GPU (TE/apex); the unfused paths compute the same thing.
-        apply_rope_fusion=te,
-        bias_activation_fusion=te,
-        bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=te,
-        persist_layer_norm=False,
+        **kernel_settings(te, interleaved),
         # Loss is a sum over answer tokens; finalize_model_grads divides by the global token
         # count (micro-batches and DP ranks hold different numbers of answer tokens). DDP reads
         # this at construction to skip its 1/DP gradient scaling.
@@ -77,6 +136,7 @@ def transformer_config(
         batch_p2p_comm=not interleaved,
         **fp8,
         **recompute,
+        **uneven,
     )
 
 
@@ -129,15 +189,15 @@ def vocab_parallel_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
     ``logits [..., v / tp]`` (this rank's slice), ``labels [...]`` (global ids): a hit is a label
     logit no smaller than the largest logit anywhere, found with two small all-reduces instead
-    of gathering the vocabulary.
+    of gathering the vocabulary. Compared in the logits' own dtype (widening is exact), so no
+    fp32 copy of the logits is made.
     """
     group = parallel_state.get_tensor_model_parallel_group()
     rank, width = parallel_state.get_tensor_model_parallel_rank(), logits.shape[-1]
-    logits = logits.float()
-    largest = logits.max(dim=-1).values
+    largest = logits.max(dim=-1).values.float()
     local = labels - rank * width
     mine = (local >= 0) & (local < width)
-    label_logit = logits.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
+    label_logit = logits.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1).float()
     label_logit = torch.where(mine, label_logit, torch.zeros_like(label_logit))
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX, group=group)

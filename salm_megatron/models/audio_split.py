@@ -6,7 +6,8 @@ scatter). Instead of each rank encoding every segment, rank ``r`` of ``t`` encod
 ``r, r + t, ...`` and the embeddings are all-gathered. The gradient reaching the gathered
 embeddings is the same on every TP rank (Megatron's TP regions reduce it), so each rank keeps its
 own rows; its encoder gradient then covers its own segments only, and
-:func:`reduce_replicated_grads` sums those over the TP group before the data-parallel reduction.
+:func:`reduce_replicated_grads` sums those over the TP group once the data-parallel reduction
+has finished (the two commute; reading ``main_grad`` during DDP's overlapped reduction would not).
 BatchNorm statistics see only a rank's share (as they do per DP rank); the trainer averages the
 running statistics over the TP and DP ranks.
 """
@@ -30,40 +31,33 @@ def tp_share(count: int) -> torch.Tensor:
 
 
 class _GatherSegments(torch.autograd.Function):
-    """``[n_r, T_r, h]`` on each TP rank -> ``[n, T, h]`` of every rank's rows in segment order;
-    backward keeps this rank's rows (the incoming gradient is equal on all TP ranks)."""
+    """``[n_r, t, h]`` on each TP rank -> ``[n, t, h]`` of every rank's rows in segment order;
+    backward keeps this rank's rows (the incoming gradient is equal on all TP ranks). Every
+    rank's ``t`` is the same (each encodes segments of the batch's padded width), and its row
+    count follows from ``count``: the shapes are known without asking the other ranks."""
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, count: int) -> torch.Tensor:
         group = parallel_state.get_tensor_model_parallel_group()
         size = parallel_state.get_tensor_model_parallel_world_size()
-        shape = torch.tensor(local.shape[:2], device=local.device)
-        torch.distributed.all_reduce(shape, op=torch.distributed.ReduceOp.MAX, group=group)
-        rows, frames = int(shape[0]), int(shape[1])
-        padded = F.pad(local, (0, 0, 0, frames - local.shape[1], 0, rows - local.shape[0]))
+        rows = -(-count // size)  # rank 0 holds the most
+        padded = F.pad(local, (0, 0, 0, 0, 0, rows - local.shape[0]))
         parts = [torch.empty_like(padded) for _ in range(size)]
         torch.distributed.all_gather(parts, padded.contiguous(), group=group)
         # Rank r's row j is segment r + j * size.
         gathered = torch.stack(parts, dim=1).flatten(0, 1)[:count]
-        ctx.rank, ctx.size, ctx.local_shape = (
-            parallel_state.get_tensor_model_parallel_rank(), size, local.shape,
+        ctx.rank, ctx.size, ctx.rows = (
+            parallel_state.get_tensor_model_parallel_rank(), size, local.shape[0],
         )  # fmt: skip
         return gathered
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        n_local, t_local = ctx.local_shape[:2]
-        mine = grad[ctx.rank :: ctx.size][:n_local, :t_local]
-        return mine.contiguous(), None
+        return grad[ctx.rank :: ctx.size][: ctx.rows].contiguous(), None
 
 
 def gather_segments(local: torch.Tensor, count: int) -> torch.Tensor:
     return _GatherSegments.apply(local, count)
-
-
-def gather_lengths(local: torch.Tensor, count: int) -> torch.Tensor:
-    """The lengths ``[n]`` of all segments from each rank's ``[n_r]`` (no gradient)."""
-    return _GatherSegments.apply(local[:, None, None].float(), count)[:, 0, 0].long()
 
 
 @torch.no_grad()

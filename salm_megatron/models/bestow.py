@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from ..config import BestowConfig
-from .speech_llm import Layout, SpeechLLM, left_align, next_token_targets, padded_length
+from .speech_llm import (
+    Layout,
+    SpeechLLM,
+    left_align,
+    next_token_targets,
+    on_host,
+    padded_length,
+    sent_like,
+)
 
 
 class Attention(torch.nn.Module):
@@ -174,23 +182,22 @@ class BestowCrossAttention(torch.nn.Module):
 
 
 def gather_by_sample(audio, lengths, owner, batch_size):
-    """Concatenate each sample's segments: ``[n, t, h]`` -> ``[b, T, h]`` and a valid mask."""
+    """Concatenate each sample's segments: ``[n, t, h]`` -> ``[b, T, h]``, its valid mask
+    ``[b, T]`` and which samples have audio ``[b]``. ``lengths`` and ``owner`` (``[n]``) are read
+    on the host (pass host tensors: no sync); the index table is built there."""
     n, t, h = audio.shape
-    per_sample = torch.zeros(batch_size, dtype=torch.long, device=lengths.device)
-    per_sample.index_add_(0, owner, lengths.long())
+    lengths, owner = lengths.cpu().long(), owner.cpu().long()
+    per_sample = torch.zeros(batch_size, dtype=torch.long).index_add_(0, owner, lengths)
     width = max(int(per_sample.max()) if batch_size else 0, 1)
-    index = torch.full((batch_size, width), n * t, dtype=torch.long, device=audio.device)
+    index = torch.full((batch_size, width), n * t, dtype=torch.long)  # n * t: the zero row
     filled = torch.zeros(batch_size, dtype=torch.long)
-    for segment in range(n):
-        sample, length = int(owner[segment]), int(lengths[segment])
+    for segment, (sample, length) in enumerate(zip(owner.tolist(), lengths.tolist(), strict=True)):
         start = int(filled[sample])
-        index[sample, start : start + length] = segment * t + torch.arange(
-            length, device=audio.device
-        )
+        index[sample, start : start + length] = segment * t + torch.arange(length)
         filled[sample] += length
     table = torch.cat([audio.reshape(n * t, h), audio.new_zeros(1, h)])
-    valid = torch.arange(width, device=audio.device)[None, :] < per_sample[:, None]
-    return table[index], valid, per_sample > 0
+    valid = torch.arange(width)[None, :] < per_sample[:, None]
+    return table[sent_like(index, audio)], sent_like(valid, audio), sent_like(per_sample > 0, audio)
 
 
 class BESTOW(SpeechLLM):
@@ -223,11 +230,11 @@ class BESTOW(SpeechLLM):
         have audio ``[b]``, and the zero that keeps the audio path in the graph."""
         ids = batch["input_ids"]
         audio, lengths, keep_in_graph = self.encode_audio(batch)
-        owner = batch.get("audio_owner")
+        owner = on_host(batch).get("audio_owner")
         if owner is None and len(lengths):
             raise ValueError("BESTOW batches need audio_owner [n]: the sample of each segment")
         if owner is None:
-            owner = torch.zeros(0, dtype=torch.long, device=ids.device)
+            owner = torch.zeros(0, dtype=torch.long)
         if len(owner) != len(lengths):
             raise ValueError(f"audio_owner has {len(owner)} entries for {len(lengths)} segments")
         if len(owner) and (int(owner.min()) < 0 or int(owner.max()) >= ids.shape[0]):

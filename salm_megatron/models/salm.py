@@ -12,6 +12,7 @@ from .speech_llm import (
     embedding_lengths,
     left_align,
     next_token_targets,
+    on_host,
     padded_length,
 )
 
@@ -33,11 +34,14 @@ def splice_layout(
     multiple: int,
     sequence_length: int | None = None,
     text_lengths: torch.Tensor | None = None,
+    device: torch.device | None = None,
 ) -> SpliceLayout:
     """Lay out each sample's tokens with every placeholder replaced by its segment's frames.
 
     ``text_lengths [b]`` (tokens before right padding) keeps a sample's text padding out of the
     merged sequence, so a sample's length there is its own, not the batch's longest text's.
+    The inputs are read on the host (pass host tensors: no sync); the layout goes to ``device``
+    (default: that of ``input_ids``).
     """
     b, s = input_ids.shape
     real = torch.ones(b, s, dtype=torch.bool)
@@ -77,31 +81,24 @@ def splice_layout(
     merged_ids = torch.where(is_text, input_ids.cpu().gather(1, source), 0)
     merged_answer = is_text & answer_mask.cpu().bool().gather(1, source)
     labels, loss_mask = next_token_targets(merged_ids, merged_answer)
-    device = input_ids.device
+    device = input_ids.device if device is None else device
+    sent = {
+        name: tensor.to(device, non_blocking=True)
+        for name, tensor in (("labels", labels), ("loss_mask", loss_mask),
+                             ("text_position", text_position), ("audio_segment", audio_segment),
+                             ("audio_frame", audio_frame))
+    }  # fmt: skip
     return SpliceLayout(
-        length=length,
-        labels=labels.to(device),
-        loss_mask=loss_mask.to(device),
-        position_ids=torch.arange(length, device=device).expand(b, length),
-        text_position=text_position.to(device),
-        audio_segment=audio_segment.to(device),
-        audio_frame=audio_frame.to(device),
+        length=length, position_ids=torch.arange(length, device=device).expand(b, length), **sent
     )
-
-
-def check_lengths(encoded: torch.Tensor, layout: SpliceLayout) -> None:
-    """The layout used the length formula; the encoder must agree (catches formula drift)."""
-    planned = torch.bincount(
-        layout.audio_segment[layout.audio_segment >= 0], minlength=len(encoded)
-    )
-    if not torch.equal(planned.cpu(), encoded.cpu().long()):
-        raise RuntimeError(f"audio frames planned {planned.tolist()} != encoded {encoded.tolist()}")
 
 
 class SALM(SpeechLLM):
     """Speech-augmented LM: the LLM reads ``[prompt text, audio frames, more text, answer]``."""
 
     def layout(self, batch: dict, sequence_length: int | None) -> SpliceLayout:
+        device = batch["input_ids"].device
+        batch = on_host(batch)
         lengths = batch.get("audio_lengths")
         segment_lengths = (
             embedding_lengths(self.cfg, lengths)
@@ -116,6 +113,7 @@ class SALM(SpeechLLM):
             self.pad_multiple,
             sequence_length,
             batch.get("text_lengths"),
+            device,
         )
 
     def embed(self, batch: dict, layout: SpliceLayout) -> torch.Tensor:
@@ -123,8 +121,7 @@ class SALM(SpeechLLM):
         b, s = ids.shape
         text = self.text_embeddings(ids, torch.arange(s, device=ids.device).expand(b, s))
         h = text.shape[-1]
-        audio, lengths, keep_in_graph = self.encode_audio(batch)
-        check_lengths(lengths, layout)
+        audio, _, keep_in_graph = self.encode_audio(batch)  # lengths as the layout planned them
         frames = audio.shape[1] if audio.numel() else 1
         # One table of rows to gather from: text tokens, audio frames, then a zero row (padding).
         table = torch.cat(

@@ -16,6 +16,10 @@ token. ``forward`` returns, on the last pipeline stage, the per-position loss ``
 other positions zeroed, so a loss function only sums it and divides by ``answer_mask.sum()``.
 Everything the last stage needs (the sequence layout) is computed from the integer inputs alone,
 so later stages never hold the encoder.
+
+No micro-batch waits for the GPU: a batch moved there keeps its host copy (:func:`to_device`);
+layouts, segment shares and index tables are computed from that copy (:func:`on_host`) and sent to
+the device without a sync, and checks of device values run on the device (``masks.require``).
 """
 
 from __future__ import annotations
@@ -29,11 +33,19 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
-from ..audio import SpecAugment, build_adapter, build_encoder, build_features
+from ..audio import (
+    SpecAugment,
+    build_adapter,
+    build_encoder,
+    build_features,
+    encoder_output_lengths,
+    feature_lengths,
+)
 from ..audio.adapters import audio_embedding_lengths
+from ..audio.masks import require
 from ..config import Config
 from ..llm import build_llm, vocab_parallel_hits
-from .audio_split import gather_lengths, gather_segments, tp_share
+from .audio_split import gather_segments, tp_share
 from .lora import adapter_parameters, apply_lora
 
 # The parts each model.freeze_* switch freezes (the CTC head is the encoder's auxiliary head).
@@ -65,6 +77,28 @@ def evaluating(module: torch.nn.Module):
             m.training = training
 
 
+HOST = "host"  # the key under which a device batch keeps its host copy
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """``batch`` on ``device`` (copies queued, not waited for) with its host copy under
+    :data:`HOST`, from which the model plans the micro-batch."""
+    host = on_host(batch)
+    moved = {k: v.to(device, non_blocking=True) for k, v in host.items()}
+    moved[HOST] = host
+    return moved
+
+
+def on_host(batch: dict) -> dict:
+    """The batch in host memory: the copy :func:`to_device` kept, else the batch itself."""
+    return batch.get(HOST, batch)
+
+
+def sent_like(planned: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A tensor planned on the host, on the device of ``like`` (queued without a sync)."""
+    return planned.to(like.device, non_blocking=True)
+
+
 # Rows of each rank's local input that Transformer Engine's FP8 GEMMs need a multiple of.
 FP8_ROWS = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
 
@@ -81,27 +115,44 @@ def sequence_multiple(parallel, llm) -> int:
 
 
 class AudioPath(torch.nn.Module):
-    """Audio -> log-mel -> SpecAugment (training only) -> encoder (encoder.type) -> adapter."""
+    """Audio -> log-mel -> SpecAugment (training only) -> encoder (encoder.type) -> adapter.
 
-    def __init__(self, cfg: Config, params_dtype: torch.dtype):
+    Its weights stay fp32 whatever the LLM's dtype (as NeMo keeps its encoders): BatchNorm's
+    running statistics and the norms need fp32's precision, and they are small next to the LLM.
+    With a bf16 LLM it computes under autocast to bf16 (matmuls and convolutions in bf16) and
+    hands the LLM bf16 embeddings.
+    """
+
+    def __init__(self, cfg: Config, compute_dtype: torch.dtype):
         super().__init__()
         self.features = build_features(cfg.encoder)
         self.spec_augment = SpecAugment(cfg.encoder.spec_augment)
         self.encoder = build_encoder(cfg.encoder)
         self.adapter = build_adapter(cfg.adapter, cfg.encoder.d_model, cfg.llm.hidden_size)
-        self.to(params_dtype)
+        self.compute_dtype = compute_dtype
+
+    def autocast(self, device: torch.device):
+        """Autocast to the LLM's dtype (nothing when it is fp32)."""
+        lower = self.compute_dtype != torch.float32
+        return torch.autocast(device.type, dtype=self.compute_dtype, enabled=lower)
 
     def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor):
-        """[n, samples] -> embeddings [n, t, h] in the LLM's width, and their lengths [n]."""
-        return self.adapter(*self.encode(audio, audio_lengths))
+        """[n, samples] -> embeddings [n, t, h] in the LLM's width and dtype, their lengths [n]."""
+        return self.adapt(*self.encode(audio, audio_lengths))
 
     def encode(self, audio: torch.Tensor, audio_lengths: torch.Tensor):
         """[n, samples] -> encoder output [n, t, d_model] and its lengths [n]."""
         features, lengths = self.features(audio.float(), audio_lengths)
         if self.training:
             features = self.spec_augment(features, lengths)
-        dtype = next(self.encoder.parameters()).dtype
-        return self.encoder(features.to(dtype), lengths)
+        with self.autocast(features.device):
+            return self.encoder(features, lengths)
+
+    def adapt(self, encoded: torch.Tensor, lengths: torch.Tensor):
+        """Encoder output -> embeddings [n, t, h] in the LLM's width and dtype, their lengths."""
+        with self.autocast(encoded.device):
+            emb, lengths = self.adapter(encoded, lengths)
+        return emb.to(self.compute_dtype), lengths
 
 
 class CTCHead(torch.nn.Module):
@@ -113,11 +164,16 @@ class CTCHead(torch.nn.Module):
         self.proj = torch.nn.Linear(d_model, vocab_size + 1)
 
     def forward(self, encoded, lengths, transcripts, transcript_lengths) -> torch.Tensor:
-        """Summed CTC loss over the segments with a transcript (impossible alignments: 0)."""
-        keep = transcript_lengths > 0
-        logprobs = self.proj(encoded[keep]).float().log_softmax(-1).transpose(0, 1)  # [t, n, v]
+        """Summed CTC loss over the segments with a transcript (impossible alignments: 0).
+        ``lengths`` and ``transcript_lengths`` [n] are best given on the host: the rows kept
+        are then chosen, and ``ctc_loss`` reads its lengths, without a sync."""
+        keep = (transcript_lengths > 0).nonzero()[:, 0]
+        rows = sent_like(keep, encoded)
+        projected = self.proj(encoded.index_select(0, rows).to(self.proj.weight.dtype))
+        logprobs = projected.float().log_softmax(-1)
         return F.ctc_loss(
-            logprobs, transcripts[keep], lengths[keep], transcript_lengths[keep],
+            logprobs.transpose(0, 1), transcripts.index_select(0, sent_like(keep, transcripts)),
+            lengths[keep], transcript_lengths[keep],
             blank=self.blank, reduction="sum", zero_infinity=True,
         )  # fmt: skip
 
@@ -143,7 +199,9 @@ def embedding_lengths(cfg: Config, audio_lengths: torch.Tensor) -> torch.Tensor:
 
 
 def check_batch(batch: dict) -> None:
-    """Name what is missing or inconsistent in a batch instead of failing deep inside."""
+    """Name what is missing or inconsistent in a batch instead of failing deep inside (read on
+    the host copy)."""
+    batch = on_host(batch)
     missing = [key for key in ("input_ids", "answer_mask") if key not in batch]
     if missing:
         raise KeyError(f"the batch has no {', '.join(missing)} (it has {', '.join(sorted(batch))})")
@@ -232,7 +290,8 @@ class SpeechLLM(MegatronModule):
         if self.pre_process:
             self.audio = AudioPath(cfg, params_dtype)
             if cfg.model.ctc_weight:
-                self.ctc = CTCHead(cfg.encoder.d_model, cfg.llm.vocab_size).to(params_dtype)
+                vocab = cfg.model.ctc_vocab_size or cfg.llm.vocab_size  # fp32, as the encoder
+                self.ctc = CTCHead(cfg.encoder.d_model, vocab)
         self.ctc_loss_sum = 0.0  # this step's CTC loss so far (reporting), reset by the trainer
         self.eval_parts = self._freeze()
         self.train(self.training)
@@ -311,50 +370,71 @@ class SpeechLLM(MegatronModule):
     # -- shared ------------------------------------------------------------------------------
 
     def encode_audio(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Audio embeddings ``[n, t, h]``, lengths ``[n]``, and a zero that keeps the audio path in
-        the autograd graph when the micro-batch has no audio (every rank then produces the same
-        gradient buckets; DDP would wait forever for the missing ones)."""
-        audio, lengths = batch.get("audio"), batch.get("audio_lengths")
+        """Audio embeddings ``[n, t, h]``; their lengths ``[n]``, on the host (planned by the
+        length formula, which the encoder's own are checked against); and a zero that keeps the
+        audio path in the autograd graph when the micro-batch has no audio (every rank then
+        produces the same gradient buckets; DDP would wait forever for the missing ones)."""
+        audio = batch.get("audio")
         if audio is None or not len(audio):
-            return self._silence()
+            emb, keep_in_graph = self._silence(self.cfg.encoder.features.sample_rate // 10)
+            return emb[:0], torch.zeros(0, dtype=torch.long), keep_in_graph
+        planned = embedding_lengths(self.cfg, on_host(batch)["audio_lengths"])
         parallel = self.cfg.parallel
         if not (parallel.split_audio_over_tp and parallel.tensor_model_parallel_size > 1):
-            return self._encode(batch, None)
-        count = len(audio)
-        mine = tp_share(count).to(audio.device)
-        # With more TP ranks than segments, a rank without any only joins the gather.
-        emb, lengths, keep_in_graph = self._encode(batch, mine) if len(mine) else self._silence()
-        return gather_segments(emb, count), gather_lengths(lengths, count), keep_in_graph
+            return self._encode(batch, None, planned), planned, audio.new_zeros(())
+        mine = tp_share(len(audio))
+        if len(mine):
+            emb, keep_in_graph = self._encode(batch, mine, planned), audio.new_zeros(())
+        else:  # more TP ranks than segments: silence as wide as the audio, so that this rank's
+            emb, keep_in_graph = self._silence(audio.shape[1])  # frames match, and the gather
+            emb = emb[:0]
+        return gather_segments(emb, len(audio)), planned, keep_in_graph
 
-    def _encode(self, batch: dict, rows: torch.Tensor | None):
-        """Embeddings of the segments ``rows`` (all when None), with the CTC loss attached."""
+    def _encode(self, batch: dict, rows: torch.Tensor | None, planned: torch.Tensor):
+        """Embeddings of the segments ``rows`` (host indices; all when None), with the CTC loss
+        attached; their lengths must be the ``planned`` ones."""
+        host = on_host(batch)
         audio, lengths = batch["audio"], batch["audio_lengths"]
-        spoken, transcripts = batch.get("transcript_lengths"), batch.get("transcripts")
+        spoken = host.get("transcript_lengths")
+        transcripts = batch.get("transcripts")
         if rows is not None:
-            audio, lengths = audio[rows], lengths[rows]
+            index = sent_like(rows, audio)
+            audio, lengths, planned = audio[index], lengths[index], planned[rows]
             if spoken is not None:
-                spoken, transcripts = spoken[rows], transcripts[rows]
+                spoken, transcripts = spoken[rows], transcripts[sent_like(rows, transcripts)]
         encoded, encoded_lengths = self.audio.encode(audio, lengths)
-        emb, emb_lengths = self.audio.adapter(encoded, encoded_lengths)
+        emb, emb_lengths = self.audio.adapt(encoded, encoded_lengths)
+        require(
+            emb_lengths == sent_like(planned, emb_lengths),
+            lambda: (
+                f"audio frames planned {planned.tolist()} != encoded {emb_lengths.tolist()} "
+                "(the length formula and the encoder disagree)"
+            ),
+        )
         if hasattr(self, "ctc") and spoken is not None and bool((spoken > 0).any()):
-            loss = self.ctc(encoded, encoded_lengths, transcripts, spoken)
-            self.ctc_loss_sum += float(loss.detach())
+            frames = self.encoder_frames(host["audio_lengths"])
+            frames = frames if rows is None else frames[rows]
+            with self.audio.autocast(encoded.device):
+                loss = self.ctc(encoded, frames, transcripts, spoken)
+            self.ctc_loss_sum = self.ctc_loss_sum + loss.detach()  # read once per step
             if torch.is_grad_enabled():
                 emb = _WithLoss.apply(emb, self.cfg.model.ctc_weight * loss)
-        return emb, emb_lengths, emb.new_zeros(())
+        return emb
 
-    def _silence(self):
-        """No segment to encode: empty embeddings, and a zero that keeps the audio path in the
-        graph (see :meth:`encode_audio`)."""
-        sample_rate = self.cfg.encoder.features.sample_rate
-        silence = torch.zeros(
-            1, sample_rate // 10, device=self.llm.embedding.word_embeddings.weight.device
-        )
-        # In eval mode, so the silence leaves BatchNorm's running statistics alone.
+    def encoder_frames(self, audio_lengths: torch.Tensor) -> torch.Tensor:
+        """Encoder frames of each segment (the CTC head's input lengths), by formula."""
+        encoder = self.cfg.encoder
+        return encoder_output_lengths(encoder, feature_lengths(encoder.features, audio_lengths))
+
+    def _silence(self, samples: int):
+        """One silent segment of ``samples`` through the audio path, in eval mode so that
+        BatchNorm's running statistics stay as they are: its embeddings ``[1, t, h]`` and a
+        zero that keeps the audio path in the graph (see :meth:`encode_audio`)."""
+        device = self.llm.embedding.word_embeddings.weight.device
+        silence = torch.zeros(1, samples, device=device)
         with evaluating(self.audio):
-            emb, _ = self.audio(silence, torch.tensor([silence.shape[1]], device=silence.device))
-        empty = emb[:0]
-        return empty, torch.zeros(0, dtype=torch.long, device=emb.device), emb.sum() * 0.0
+            emb, _ = self.audio(silence, torch.full((1,), samples, device=device))
+        return emb, emb.sum() * 0.0
 
     def forward(
         self,
@@ -391,9 +471,12 @@ class SpeechLLM(MegatronModule):
             return output
         if not with_accuracy:
             return output * layout.loss_mask
-        logits = output.transpose(0, 1).contiguous()  # [S, b, v / tp]
-        loss = self.llm.compute_language_model_loss(layout.labels, logits)
-        hits = vocab_parallel_hits(logits, layout.labels.transpose(0, 1)).transpose(0, 1)
+        # Without labels Megatron returns the logits [b, S, v / tp]. Its loss is position-wise,
+        # and it takes labels [b, S] to lie as [S, b]: given them transposed, it reads the logits
+        # in their own order, so the only copy of them is the fp32 one inside the loss.
+        labels = layout.labels
+        loss = self.llm.compute_language_model_loss(labels.transpose(0, 1), output).transpose(0, 1)
+        hits = vocab_parallel_hits(output, labels)
         return torch.stack([loss * layout.loss_mask, hits.float() * layout.loss_mask])
 
     def text_embeddings(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

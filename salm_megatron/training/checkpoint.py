@@ -1,10 +1,11 @@
-"""Training checkpoints that a crash never leaves half-written and any TP/PP layout can load.
+"""Training checkpoints that a crash never leaves half-written, resharded to the loading layout.
 
 ``<output_dir>/checkpoints/``::
 
     step_0000200/             a complete checkpoint
       (dist_checkpointing)    model chunks + optimizer, resharded on load; ``common.pt`` holds
-                              the step, counters, LR schedule and resolved config
+                              the step, counters, LR schedule and resolved config, and the
+                              optimizer state's format (content metadata)
       ranks/rank00003.pt      that rank's RNG and data-iterator state, with its coordinates
       write_order             N: the N-th checkpoint completed in this folder
     latest                    name of the newest complete checkpoint (replaced atomically)
@@ -15,6 +16,13 @@ the newest. "Newest" is by write order, not step: a folder may hold higher steps
 now writing (a resume from ``latest`` after a crash between the rename and ``latest``; folders
 from before write orders were recorded, which count as older than any recorded, by step), and
 ``checkpoint.keep`` prunes the longest completed, never the one just written.
+
+The model reshards to any TP/PP layout; the optimizer state as its format allows
+(``checkpoint.optimizer_format``, :mod:`.optimizer_state`): the default ``dp_reshardable`` gathers
+nothing and loads at the TP/PP/VPP it was saved at, ``fully_reshardable`` gathers the optimizer
+state over data-parallel ranks at each save and loads at any layout. Transformer Engine's extra
+state (FP8 metadata) may be missing from a checkpoint, as in those of the local spec: the modules
+keep their own.
 
 RNG and data state are per rank: they are restored when the data-parallel size is the same (data
 state is keyed by DP rank; RNG needs the very same layout, else it is reseeded from the seed and
@@ -30,7 +38,6 @@ trains (with optimizer, schedule, RNG and data state).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -46,12 +53,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-from megatron.core.optimizer import distrib_optimizer
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.transformer.utils import sharded_state_dict_default
 
 from ..config import ConfigError
 from ..models.lora import adapter_parameters
+from . import optimizer_state
 
 log = logging.getLogger("salm.checkpoint")
 
@@ -171,12 +178,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------ save/load
 
 
-# Optimizer state laid out per model parameter (not per DP buffer), so it reshards to any
-# TP/PP/DP layout; no chained-optimizer prefixes, so it does not depend on how groups split.
-OPTIMIZER_FORMAT = {
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "chained_optim_avoid_prefix": True,
-}
+# Transformer Engine modules' state outside tensors (FP8 scaling metadata), as Megatron names it.
+EXTRA_STATE = "_extra_state"
 
 
 class Part(NamedTuple):
@@ -273,14 +276,16 @@ def model_state(chunk, prefixes) -> tuple[dict, set[str]]:
     return {k: v for k, v in sharded.items() if k not in dropped}, dropped
 
 
-def _sharded(chunks, optimizer, common: dict, loading: bool, left: list[str]) -> tuple[dict, list]:
+def _sharded(
+    chunks, optimizer, common: dict, loading: bool, left: list[str], metadata: dict
+) -> tuple[dict, list]:
     state, dropped = {}, []
     for i, chunk in enumerate(chunks):
         state[f"model{i}"], keys = model_state(chunk, left)
         dropped.append(keys)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
-            state, is_loading=loading, metadata=OPTIMIZER_FORMAT
+            state, is_loading=loading, metadata=metadata
         )
     state["common"] = common
     return state, dropped
@@ -296,14 +301,19 @@ def save(
     keep: int | None,
     async_queue: AsyncCallsQueue | None = None,
     leave_out: list[str] = (),
+    optimizer_format: str = "dp_reshardable",
 ) -> Path:
     """Write checkpoint ``step`` (collective). ``common`` must be equal on every rank.
-    ``leave_out``: prefixes of frozen parts not to save (:func:`parts_left_out`).
+    ``leave_out``: prefixes of frozen parts not to save (:func:`parts_left_out`);
+    ``optimizer_format``: ``checkpoint.optimizer_format`` (:mod:`.optimizer_state`).
 
     With ``async_queue`` the tensors are written by a forked process while training goes on
     (on GPU they are first copied to host memory; on CPU the fork's copy-on-write snapshot
     holds them still); the checkpoint becomes complete when the queue finalizes the request
     (``async_queue.maybe_finalize_async_calls``). Until then it is only a temporary folder.
+    What this call does before returning is to build the state to write: in ``dp_reshardable``
+    that is each rank's own shards, in ``fully_reshardable`` it all-gathers the optimizer state
+    over data-parallel ranks first.
     """
     tmp = root / f".{step_name(step)}.tmp"
     rank = dist.get_rank()
@@ -314,8 +324,11 @@ def save(
         tmp.mkdir(parents=True)
     dist.barrier()
     common = {"format": FORMAT, "left_out": list(leave_out), **common}
-    sharded, _ = _sharded(chunks, optimizer, common, loading=False, left=list(leave_out))
-    request = dist_checkpointing.save(sharded, str(tmp), async_sharded_save=async_queue is not None)
+    metadata = optimizer_state.sharding_metadata(optimizer_format)
+    sharded, _ = _sharded(chunks, optimizer, common, False, list(leave_out), metadata)
+    request = dist_checkpointing.save(
+        sharded, str(tmp), async_sharded_save=async_queue is not None, content_metadata=metadata
+    )
     own = {"layout": layout(), **coordinates(), **rank_state, "rng": rng_state()}
     (tmp / "ranks").mkdir(exist_ok=True)
     torch.save(own, tmp / "ranks" / f"rank{rank:05d}.pt")
@@ -380,67 +393,59 @@ def set_aside_earlier_run(output_dir: Path) -> Path | None:
     return moved_to
 
 
-@contextlib.contextmanager
-def _torch_adam_loading(optimizer):
-    """Make Megatron-Core 0.16's distributed optimizer load into torch's Adam, its fallback
-    without TE or apex (as on CPU). Three gaps, each closed here for the load only:
-
-    - its state is empty before the first step, and an empty state cannot describe the load:
-      take one zero-gradient step first, as Megatron does for FSDP (the load overwrites it);
-    - the checkpoint keeps Adam's step per group, not per parameter, yet every state key is
-      copied from it per parameter: the step is left out of that copy;
-    - the step restored from the group is one tensor shared by every parameter, which Adam
-      would increment once per parameter: each parameter gets its own copy.
-    """
-    parts = [
-        part
-        for part in getattr(optimizer, "chained_optimizers", [optimizer])
-        if isinstance(part, DistributedOptimizer) and part.optimizer is not None
-    ]
-    if distrib_optimizer.HAVE_APEX_OR_TE or not parts:
-        yield
-        return
-    for part in parts:
-        if not part.optimizer.state:
-            part._init_optimizer_states_with_dummy_values()
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
-
-    def set_without_step(self, model_param, tensors):
-        group, order = self.model_param_group_index_map[model_param]
-        state = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
-        step = state.pop("step", None) if "step" not in tensors else None
-        try:
-            original(self, model_param, tensors)
-        finally:
-            if step is not None:
-                state["step"] = step
-
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_without_step
-    try:
-        yield
-    finally:
-        DistributedOptimizer._set_main_param_and_optimizer_states = original
-        for part in parts:
-            for state in part.optimizer.state.values():
-                if "step" in state:
-                    state["step"] = state["step"].clone()
-
-
 def load(path: Path, chunks: list[torch.nn.Module], optimizer) -> dict:
-    """Load model and optimizer (resharded to this layout); returns the common state (this
-    rank's own saved state: :func:`own_rank_state`). The parts the checkpoint left out
-    (:func:`left_out`) must be loaded from their pretrained checkpoints."""
-    common = {"format": FORMAT}
-    with _torch_adam_loading(optimizer):
-        sharded, dropped = _sharded(chunks, optimizer, common, loading=True, left=left_out(path))
-        state = dist_checkpointing.load(sharded, str(path))
-        if state["common"].get("format") != FORMAT:
-            raise ValueError(f"{path} is not a salm-megatron training checkpoint")
+    """Load model and optimizer (resharded to this layout, as far as the optimizer's format
+    allows); returns the common state (this rank's own saved state: :func:`own_rank_state`).
+    The parts the checkpoint left out (:func:`left_out`) must be loaded from their pretrained
+    checkpoints. Transformer Engine's extra state may be missing (:func:`_load_dist`)."""
+    saved = dist_checkpointing.load_common_state_dict(str(path))
+    if saved.get("common", {}).get("format") != FORMAT:
+        raise ValueError(f"{path} is not a salm-megatron training checkpoint")
+    metadata = optimizer_state.saved_metadata(saved)
+    if optimizer is not None and optimizer_state.is_distributed(optimizer):
+        optimizer_state.check_loads_here(path, metadata, saved_layout(path), layout())
+    left = list(saved["common"].get("left_out", []))
+    # No autograd: fp32 shards of the optimizer are views of parameters, written in place.
+    with torch.no_grad(), optimizer_state.torch_adam_loading(optimizer):
+        sharded, dropped = _sharded(chunks, optimizer, {}, True, left, metadata)
+        requested = [set(sharded[f"model{i}"]) for i in range(len(chunks))]
+        state = _load_dist(sharded, path)
         for i, chunk in enumerate(chunks):
-            _load_state(chunk, state[f"model{i}"], dropped[i], path)
+            not_saved = requested[i] - set(state[f"model{i}"])  # extra state, if any
+            _load_state(chunk, state[f"model{i}"], dropped[i] | not_saved, path)
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
     return state["common"]
+
+
+def _load_dist(sharded: dict, path: Path) -> dict:
+    """``dist_checkpointing.load`` where of the keys ``sharded`` asks for only Transformer
+    Engine's extra state may be missing: checkpoints of the local spec (CPU runs, ``hf-to-mcore``,
+    ``salm import``) have none, and a TE model loading one keeps its modules' initial extra state
+    (FP8 scaling metadata starts over; said once, at info level). Any other key the checkpoint
+    lacks is an error naming it. Keys only the checkpoint has (a TE checkpoint's extra state in a
+    local-spec model) are not read."""
+    state, _, not_saved = dist_checkpointing.load(
+        sharded, str(path), strict=StrictHandling.RETURN_UNEXPECTED
+    )
+    other = sorted(key for key in not_saved if not key.endswith(EXTRA_STATE))
+    if other:
+        more = f" and {len(other) - 5} more" if len(other) > 5 else ""
+        raise RuntimeError(f"{path} lacks {', '.join(other[:5])}{more}")
+    if not_saved:
+        first, more = sorted(not_saved)[0], len(not_saved) - 1
+        log.info(
+            "%s has no Transformer Engine extra state for %s%s: those modules keep their initial "
+            "state (FP8 scaling metadata starts over)",
+            path, first, f" and {more} more" if more else "",
+        )  # fmt: skip
+    return state
+
+
+def saved_layout(path: Path) -> dict[str, int] | None:
+    """The layout (:func:`layout`) checkpoint ``path`` was saved at, from its first rank file."""
+    files = sorted((path / "ranks").glob("rank*.pt"))
+    return torch.load(files[0], weights_only=True)["layout"] if files else None
 
 
 def load_weights(cfg, path: Path, chunks: list[torch.nn.Module]) -> None:
@@ -507,12 +512,13 @@ def load_pretrained(module: torch.nn.Module | None, path: str | Path, what: str)
     sharded = _module_sharded(module)
     adapters = {id(p) for p in adapter_parameters(module)} if module is not None else set()
     absent = {k for k, v in sharded.items() if id(getattr(v, "data", None)) in adapters}
-    state = dist_checkpointing.load(
-        {k: v for k, v in sharded.items() if k not in absent}, str(path)
-    )
-    state.pop("common", None)  # a training checkpoint's counters and config (pretrained_model)
+    requested = {k: v for k, v in sharded.items() if k not in absent}
+    loaded = _load_dist(requested, path)
+    # The module's keys only: a training checkpoint (pretrained_model) also has its counters,
+    # config and optimizer param groups in its common state.
+    state = {k: loaded[k] for k in requested if k in loaded}
     if module is not None:
-        _load_state(module, state, absent, path)
+        _load_state(module, state, absent | (set(requested) - set(state)), path)
     log.info("loaded pretrained %s from %s", what, path)
 
 

@@ -30,10 +30,28 @@ from ..data.batching import (
 )
 from ..data.loader import LoadedStream, SampleStream
 from ..data.samples import Mapped, make_sample
-from ..data.tokenizers import Tokenizer
+from ..data.tokenizers import Tokenizer, load_tokenizer
 from ..parallel import maxima_over_ranks
 
 SKIP_REASONS = (*loader.SKIP_REASONS, *batching.SKIP_REASONS)  # what `skipped` counts
+
+
+def check_ctc_tokenizer(cfg: Config) -> Config:
+    """``cfg`` with ``model.ctc_vocab_size`` set from ``model.ctc_tokenizer`` (what null
+    means); unchanged without one (the CTC head then uses the LLM's vocabulary)."""
+    model = cfg.model
+    if model.ctc_tokenizer is None:
+        return cfg
+    try:
+        size = load_tokenizer(model.ctc_tokenizer).base_vocab_size
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.ctc_tokenizer: {err}") from None
+    if model.ctc_vocab_size not in (None, size):
+        raise ConfigError(
+            f"model.ctc_vocab_size={model.ctc_vocab_size}, but model.ctc_tokenizer="
+            f"{model.ctc_tokenizer} has {size} tokens; set model.ctc_vocab_size=null"
+        )
+    return replace(cfg, model=replace(model, ctc_vocab_size=size))
 
 
 def check_tokenizer(cfg: Config, tokenizer: Tokenizer) -> Config:
@@ -103,6 +121,8 @@ class StepBatches:
     def __init__(self, cfg: Config, tokenizer: Tokenizer, pad_multiple: int, *, train: bool):
         data = cfg.data
         self.cfg, self.pad_id, self.train = cfg, tokenizer.pad_id, train
+        ctc = cfg.model.ctc_tokenizer
+        self.ctc_tokenizer = load_tokenizer(ctc) if ctc and cfg.model.ctc_weight else None
         self.sample_rate = cfg.encoder.features.sample_rate
         self.length = llm_sequence_length(cfg)
         self.pipeline = parallel_state.get_pipeline_model_parallel_world_size()
@@ -155,7 +175,9 @@ class StepBatches:
         self.streams.append(stream)
         return Mapped(
             LoadedStream(stream, num_workers=data.num_workers),
-            lambda raw: make_sample(raw, tokenizer, data.prompt_format, cfg.model.arch),
+            lambda raw: make_sample(
+                raw, tokenizer, data.prompt_format, cfg.model.arch, self.ctc_tokenizer
+            ),
         )
 
     @property

@@ -33,14 +33,17 @@ from ..inference.evaluation import decode_samples, evaluation_stream, failure_me
 from ..inference.generation import Generator
 from ..inference.metrics import metrics_json, task_metrics
 from ..models import build_speech_llm
+from ..models.local_copy import decoding_model
+from ..models.speech_llm import to_device
 from . import checkpoint
 from .compatible import check_same_data, check_same_model, data_settings
-from .data import SKIP_REASONS, StepBatches, check_tokenizer
+from .data import SKIP_REASONS, StepBatches, check_ctc_tokenizer, check_tokenizer
 from .optimizer import (
     average_batchnorm_statistics,
     build_optimizer,
     current_lr,
     optimizer_step,
+    whole_parameters,
     wrap_ddp,
 )
 from .report import Reporter, peak_memory_gb
@@ -104,8 +107,10 @@ def check_training_config(cfg: Config) -> None:
                 expand_shards(pattern)
             except (FileNotFoundError, ValueError) as err:
                 raise ConfigError(f"{name}: {err}") from None
-    if not Path(cfg.data.tokenizer).exists():
-        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} does not exist")
+    for name, path in (("data.tokenizer", cfg.data.tokenizer),
+                       ("model.ctc_tokenizer", cfg.model.ctc_tokenizer)):  # fmt: skip
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"{name}={path} does not exist")
     resuming = check_earlier_run(cfg)
     for name in () if resuming else ("pretrained_llm", "pretrained_encoder", "pretrained_model"):
         path = getattr(cfg.checkpoint, name)
@@ -150,9 +155,10 @@ def params_dtype(cfg: Config) -> torch.dtype:
 
 
 def _to_device(batch: dict | None) -> dict | None:
+    """The micro-batch on this rank's GPU, with its host copy (the model plans from it)."""
     if batch is None or not torch.cuda.is_available():
         return batch
-    return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    return to_device(batch, torch.device("cuda", torch.cuda.current_device()))
 
 
 def _forward_step(data_iterator, model, *, sequence_length: int, with_accuracy: bool):
@@ -184,6 +190,7 @@ class Trainer:
         except ValueError as err:  # not a tokenizer: the message names the file
             raise ConfigError(f"data.tokenizer: {err}") from None
         self.cfg = cfg = check_tokenizer(cfg, self.tokenizer)  # null audio_token_id filled in
+        self.cfg = cfg = check_ctc_tokenizer(cfg)  # and a null ctc_vocab_size
         self.dtype = params_dtype(cfg)
 
         self.chunks = build_speech_llm(cfg, params_dtype=self.dtype)
@@ -222,8 +229,9 @@ class Trainer:
         loads when this run would read the data otherwise), then model, optimizer, counters."""
         own = checkpoint.own_rank_state(path)
         if own is None:  # alike on every rank, so rank 0 alone says it
+            saved = (checkpoint.saved_layout(path) or {}).get("dp", "unknown")
             raise ConfigError(
-                f"{path} was saved with data-parallel size {self._saved_dp(path)}, this run has "
+                f"{path} was saved with data-parallel size {saved}, this run has "
                 f"{parallel_state.get_data_parallel_world_size()}: the data stream cannot "
                 "continue where it stopped (keep the data-parallel size, or start a new run "
                 "from it with checkpoint.pretrained_*)"
@@ -242,11 +250,6 @@ class Trainer:
         if self.rank0:
             log.info("resumed from %s at step %d", path, self.step)
 
-    @staticmethod
-    def _saved_dp(path: Path) -> int | str:
-        files = sorted((path / "ranks").glob("rank*.pt"))
-        return torch.load(files[0], weights_only=True)["layout"]["dp"] if files else "unknown"
-
     def save(self) -> Path:
         common = {
             "step": self.step,
@@ -257,12 +260,14 @@ class Trainer:
         }
         if self.async_queue is not None:  # one checkpoint in flight at a time
             self.async_queue.maybe_finalize_async_calls(blocking=True)
-        path = checkpoint.save(
-            self.checkpoints, self.step, self.chunks, self.optimizer, common,
-            {"data": self.data.state_dict(), "data_settings": self.data_settings},
-            self.cfg.checkpoint.keep, self.async_queue,
-            leave_out=checkpoint.parts_left_out(self.cfg),
-        )  # fmt: skip
+        with whole_parameters(self.model):  # overlap_param_gather: all-gathered first
+            path = checkpoint.save(
+                self.checkpoints, self.step, self.chunks, self.optimizer, common,
+                {"data": self.data.state_dict(), "data_settings": self.data_settings},
+                self.cfg.checkpoint.keep, self.async_queue,
+                leave_out=checkpoint.parts_left_out(self.cfg),
+                optimizer_format=self.cfg.checkpoint.optimizer_format,
+            )  # fmt: skip
         if self.rank0 and self.async_queue is not None:
             log.info("writing checkpoint %s in the background", path)
         return path
@@ -310,22 +315,20 @@ class Trainer:
         seconds, CTC loss, samples skipped by reason (a dict)]: each rank adds only what it owns
         (one TP rank of the last stage the losses, of the first stage the data counts and the
         CTC loss)."""
-        values = torch.zeros(7 + len(SKIP_REASONS), dtype=torch.float64)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        values = torch.zeros(7 + len(SKIP_REASONS), dtype=torch.float64, device=device)
         first_tp = parallel_state.get_tensor_model_parallel_rank() == 0
-        if first_tp and parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            for item in losses:
-                values[0] += float(item["loss_sum"])
-                values[1] += float(item["tokens"])
-                values[2] += float(item.get("hits", 0.0))
+        if first_tp and parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
+            # Summed on the device: the values are read once, after the all-reduce.
+            for i, key in enumerate(("loss_sum", "tokens", "hits")):
+                if key in losses[0]:
+                    values[i] = torch.stack([item[key] for item in losses]).double().sum()
         if first_tp and parallel_state.is_pipeline_first_stage(ignore_virtual=True):
             skipped = skipped or {}
-            values[3:] = torch.tensor(
-                [step.samples, step.llm_tokens, step.audio_seconds, self.chunks[0].ctc_loss_sum,
-                 *(skipped.get(reason, 0) for reason in SKIP_REASONS)],
-                dtype=torch.float64,
-            )  # fmt: skip
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        values = values.to(device)
+            counted = [step.samples, step.llm_tokens, step.audio_seconds, 0.0,
+                       *(skipped.get(reason, 0) for reason in SKIP_REASONS)]  # fmt: skip
+            values[3:] = torch.tensor(counted, dtype=torch.float64).to(device, non_blocking=True)
+            values[6] = self.chunks[0].ctc_loss_sum  # a device value, or 0.0 without CTC
         torch.distributed.all_reduce(values)
         values = values.tolist()
         by_reason = {r: int(n) for r, n in zip(SKIP_REASONS, values[7:], strict=True) if n}
@@ -383,8 +386,14 @@ class Trainer:
         with open(folder / f"dp{dp}.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, "keys": keys}) + "\n")
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
+        """Validation (:meth:`_evaluate`) of whole parameters (``optim.overlap_param_gather``
+        leaves each rank its own shard of them until the next training forward pass)."""
+        with whole_parameters(self.model):
+            return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict:
         """Loss and next-token accuracy on answer tokens over one pass of the validation shards
         (each sample once, the same every time), at most ``train.eval_iters`` global batches.
         Every rank joins each step's sums, also one whose share has ended (or had no sample),
@@ -423,9 +432,11 @@ class Trainer:
         dp_rank = parallel_state.get_data_parallel_rank()
         stream = evaluation_stream(cfg, cfg.data.valid_shards, dp_rank, dp_size, seed=cfg.seed)
         fmt = cfg.data.prompt_format
-        generator = Generator.for_tokenizer(self.chunks[0], cfg.decode, self.tokenizer, fmt)
+        model = decoding_model(cfg, self.chunks[0])  # with TE: a local-spec copy, freed after
+        generator = Generator.for_tokenizer(model, cfg.decode, self.tokenizer, fmt)
         per_rank = -(-cfg.train.eval_wer_samples // dp_size)
         decoded = decode_samples(stream, generator, self.tokenizer, cfg, limit=per_rank)
+        del generator, model
         decoded, _ = gather(decoded, stream.stats)
         overall = metrics_json(task_metrics(decoded.rows))["overall"]
         scores = {"answer_accuracy": overall["accuracy"]}

@@ -3,6 +3,7 @@ schedule, and an optimizer step that skips non-finite gradients instead of apply
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,36 +27,105 @@ from ..config import Config, ConfigError
 from ..models.audio_split import reduce_replicated_grads
 
 
-def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
-    """Megatron DDP around every model chunk. Frozen parameters get no gradient buffer."""
-    ddp_config = DistributedDataParallelConfig(
+def ddp_config(cfg: Config) -> DistributedDataParallelConfig:
+    """Megatron DDP's settings for ``cfg.optim``.
+
+    Gradients are reduced in fp32 (bf16 training needs no loss scaling). ``average_in_collective``
+    stays off: the loss is a sum over answer tokens that ``finalize_model_grads`` divides by the
+    global token count (``calculate_per_token_loss``), which Megatron requires it for. NaN/inf
+    checks before the reduction stay off too: :func:`optimizer_step` skips such steps instead.
+    """
+    optim = cfg.optim
+    return DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        use_distributed_optimizer=cfg.optim.distributed,
-        overlap_grad_reduce=False,
+        use_distributed_optimizer=optim.distributed,
+        overlap_grad_reduce=optim.overlap_grad_reduce,
+        # As Megatron-LM: only the distributed optimizer gathers parameters, and only an
+        # overlapped gradient reduction leaves the all-gather for the next forward pass.
+        overlap_param_gather=optim.overlap_param_gather
+        and optim.distributed
+        and optim.overlap_grad_reduce,
+        bucket_size=optim.bucket_size,  # None: Megatron's default (used only when overlapping)
     )
-    for chunk in chunks:
-        chunk.config.finalize_model_grads_func = finalize_grads(cfg)
-    return [
-        DistributedDataParallel(
-            config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
+
+
+class SpeechDDP(DistributedDataParallel):
+    """Megatron's DDP around one model chunk, whose gradient sync also makes the gradients of the
+    parts TP ranks replicate (:func:`reduce_replicated_grads`) one over the TP group.
+
+    ``finalize_model_grads`` calls :meth:`finish_grad_sync` once per chunk. The chunk's
+    data-parallel reduce(-scatter) is complete only when the parent's returns (with
+    ``overlap_grad_reduce`` it runs during the backward pass, reading ``main_grad``), so the TP
+    reduction follows it; a sum or mean over TP commutes with the sum over DP.
+    """
+
+    def __init__(self, *args, split_audio: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.split_audio = split_audio
+
+    def finish_grad_sync(self, *args, **kwargs):
+        if self.ddp_config.overlap_grad_reduce:
+            self._register_unused_parameters()
+        super().finish_grad_sync(*args, **kwargs)
+        reduce_replicated_grads([self], self.split_audio)
+
+    def _register_unused_parameters(self) -> None:
+        """Mark ready the parameters the last micro-batch gave no gradient (a CTC head without
+        transcripts; the audio path of a TP rank without segments), as a zero one.
+
+        An overlapped bucket is reduced once every parameter in it has reported its gradient;
+        one that never reports would keep its bucket from being reduced (Megatron fails then),
+        or, missing from the first step, from being counted. Nothing is added to ``main_grad``.
+        """
+        for group in self.bucket_groups + self.expert_parallel_bucket_groups:
+            for param in group.params - group.per_param_grad_ready_counts.keys():
+                group.register_grad_ready(param, self.force_all_reduce)
+
+
+def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[SpeechDDP]:
+    """Megatron DDP around every model chunk. Frozen parameters get no gradient buffer.
+
+    Buckets as Megatron-LM makes them (the chunks after the first, and the pipeline stages after
+    the first, in one bucket each); with ``optim.overlap_grad_reduce`` the schedule holds the
+    reductions back until each chunk's last micro-batch (``no_sync_func``).
+    """
+    config = ddp_config(cfg)
+    split = cfg.parallel.split_audio_over_tp
+    model = [
+        SpeechDDP(
+            config=chunk.config,
+            ddp_config=config,
+            module=chunk,
+            disable_bucketing=i > 0,
+            split_audio=split,
         )
         for i, chunk in enumerate(chunks)
     ]
+    for chunk in chunks:  # the schedule reads the first chunk's config; each is set alike
+        chunk.config.finalize_model_grads_func = finalize_model_grads
+        if config.overlap_grad_reduce:
+            no_sync = [c.no_sync for c in model]
+            chunk.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    return model
 
 
-def finalize_grads(cfg: Config):
-    """Megatron's ``finalize_model_grads``, after making one over TP the gradients of the parts
-    outside the LLM that TP ranks replicate (summed where each rank trained from its own share of
-    the segments, ``parallel.split_audio_over_tp``; averaged otherwise)."""
-    if cfg.parallel.tensor_model_parallel_size == 1:
-        return finalize_model_grads
-    split = cfg.parallel.split_audio_over_tp
+@contextlib.contextmanager
+def whole_parameters(model: list[DistributedDataParallel]):
+    """Every parameter complete on every rank inside the block (checkpoints, validation).
 
-    def finalize(model, *args, **kwargs):
-        reduce_replicated_grads(model, split)
-        return finalize_model_grads(model, *args, **kwargs)
-
-    return finalize
+    With ``overlap_param_gather`` each rank holds only its shard of the updated parameters after
+    an optimizer step; the rest arrive by all-gather in the forward pre-hooks of the next pass.
+    Megatron-LM disables the hooks around saving and evaluation (gathering all first), then
+    enables them again; so does this.
+    """
+    hooked = [chunk for chunk in model if chunk.use_forward_hook]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
 
 
 @torch.no_grad()

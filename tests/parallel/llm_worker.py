@@ -3,8 +3,11 @@
 Run under torchrun. ``--reference`` (one process) builds the tiny LLM and saves weights,
 gradients, logits and loss; other layouts load them (see ``equivalence.py``), run the same global
 batch through Megatron's forward_backward_func and write their errors to JSON files.
+``--save-weights NAME`` saves the weights as this layout holds them, which ``--weights NAME``
+loads in place of the reference's (a checkpoint written at one layout, read at another).
 """
 
+import dataclasses
 import json
 from functools import partial
 
@@ -79,8 +82,17 @@ def run(model, batch, *, forward_only: bool):
 def main():
     ap = eq.layout_parser(__doc__)
     ap.add_argument("--llm", default="{}", help="JSON of LLMConfig overrides")
+    ap.add_argument("--first-stage-layers", type=int, default=None)
+    ap.add_argument("--last-stage-layers", type=int, default=None)
+    ap.add_argument("--weights", default=None, help="load these weights (a workdir folder)")
+    ap.add_argument("--save-weights", default=None, help="save the loaded weights here")
     args = ap.parse_args()
-    cfg = Config(llm=LLMConfig(**json.loads(args.llm)), parallel=eq.parallel_config(args))
+    layout = dataclasses.replace(
+        eq.parallel_config(args),
+        num_layers_in_first_pipeline_stage=args.first_stage_layers,
+        num_layers_in_last_pipeline_stage=args.last_stage_layers,
+    )
+    cfg = Config(llm=LLMConfig(**json.loads(args.llm)), parallel=layout)
     parallel.initialize(cfg.parallel, seed=cfg.seed)
 
     chunks = build_llm_chunks(cfg.llm, cfg.parallel)
@@ -88,6 +100,11 @@ def main():
         eq.save(chunks, args.workdir / "weights")
     else:
         reference_grads = eq.load_reference(chunks, args.workdir)
+        if args.weights:
+            for chunk, sd in zip(chunks, eq.load(chunks, args.workdir / args.weights), strict=True):
+                chunk.load_state_dict(sd)
+        if args.save_weights:
+            eq.save(chunks, args.workdir / args.save_weights)
     model = eq.wrap_ddp(chunks)
     chunks[0].config.finalize_model_grads_func = finalize_model_grads
 
@@ -119,6 +136,7 @@ def main():
         result = {
             "rank": torch.distributed.get_rank(),
             "grads": eq.grad_errors(chunks, reference_grads),
+            "layers": [len(chunk.decoder.layers) for chunk in chunks],
         }
         if logits is not None:
             expected_logits = data_parallel_share({"logits": reference["logits"]})["logits"]

@@ -13,7 +13,7 @@ from salm_megatron import parallel
 from salm_megatron.config import apply_overrides
 from salm_megatron.data import collate
 from salm_megatron.models import build_speech_llm
-from salm_megatron.training.optimizer import finalize_grads
+from salm_megatron.training.optimizer import wrap_ddp
 from tests.parallel import equivalence as eq
 from tests.speech_fixtures import speech_samples, tiny_config, wake_zero_outputs
 
@@ -39,7 +39,8 @@ def main():
     cfg = tiny_config(args.arch, eq.parallel_config(args), ctc_weight=0.5)
     # TP ranks encode different segments: BatchNorm's batch statistics would differ from TP=1's
     # (as across DP ranks), so the layouts are compared with LayerNorm in the conv modules.
-    cfg = apply_overrides(cfg, ["encoder.conv_norm_type=layer_norm"])
+    # The training loop's DDP (gradients overlapped with backward), every gradient kept whole.
+    cfg = apply_overrides(cfg, ["encoder.conv_norm_type=layer_norm", "optim.distributed=false"])
     parallel.initialize(cfg.parallel, seed=cfg.seed)
 
     chunks = build_speech_llm(cfg)
@@ -48,8 +49,7 @@ def main():
         eq.save(chunks, args.workdir / "weights")
     else:
         reference_grads = eq.load_reference(chunks, args.workdir)
-    model = eq.wrap_ddp(chunks)
-    chunks[0].config.finalize_model_grads_func = finalize_grads(cfg)
+    model = wrap_ddp(cfg, chunks)
 
     samples = speech_samples(args.arch)
     microbatches = [

@@ -1,4 +1,4 @@
-"""Proves the tiny LLM gives the same logits, loss and gradients at TP/SP/PP/VPP>1 as at TP=PP=1."""
+"""Proves the tiny LLM's logits, loss and grads at TP/SP/PP/VPP>1 and uneven PP equal TP=PP=1."""
 
 import json
 
@@ -23,7 +23,22 @@ LAYOUTS = {
     # Tied embeddings across pipeline stages and Qwen2-style QKV bias, with SP on top.
     "tp2-sp-pp2-tied-bias": (4, ["--tp", "2", "--sp", "--pp", "2"], "tied-bias"),
 }
-VARIANTS = {"gqa": {}, "tied-bias": {"tie_embeddings": True, "qkv_bias": True}}
+# Uneven pipeline stages (fewer layers where the audio path or the loss runs): name: (processes,
+# worker flags, LLM variant, each rank's layers per model chunk).
+UNEVEN = {
+    "pp2-uneven-1+3": (2, ["--pp", "2", "--first-stage-layers", "1"], "gqa", [[1], [3]]),
+    "pp3-uneven-1+2+1": (3, ["--pp", "3", "--first-stage-layers", "1", "--last-stage-layers", "1"],
+                         "gqa", [[1], [2], [1]]),
+    "pp2-vpp2-uneven-2+4": (2, ["--pp", "2", "--vpp", "2", "--first-stage-layers", "2"],
+                            "six-layers", [[1, 1], [2, 2]]),
+}  # fmt: skip
+# The uneven layout whose own checkpoint one stage loads (interleaved: the most scattered layers).
+RESHARDED = "pp2-vpp2-uneven-2+4"
+VARIANTS = {
+    "gqa": {},
+    "tied-bias": {"tie_embeddings": True, "qkv_bias": True},
+    "six-layers": {"num_layers": 6},
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +68,23 @@ def test_layout_matches_reference(layout, references):
     overrides = json.dumps(VARIANTS[variant])
     launch(WORKER, nprocs, "--workdir", str(workdir), "--name", layout, *flags, "--llm", overrides)
     eq.check_results(eq.read_results(workdir, layout), nprocs, PARTS)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", list(UNEVEN))
+def test_uneven_stages_match_reference(layout, references):
+    """Each rank holds the layers asked for, and (for RESHARDED) the checkpoint it writes numbers
+    them globally: at PP=1 each lands where it belongs and the results match again."""
+    nprocs, flags, variant, layers = UNEVEN[layout]
+    workdir, overrides = references[variant], json.dumps(VARIANTS[variant])
+    saved = ["--save-weights", f"weights-{layout}"] if layout == RESHARDED else []
+    launch(WORKER, nprocs, "--workdir", str(workdir), "--name", layout, *flags,
+           "--llm", overrides, *saved)  # fmt: skip
+    results = eq.read_results(workdir, layout)
+    eq.check_results(results, nprocs, PARTS)
+    assert [r["layers"] for r in results] == layers
+    if saved:
+        back = f"{layout}-to-pp1"
+        launch(WORKER, 1, "--workdir", str(workdir), "--name", back, "--weights", saved[1],
+               "--llm", overrides)  # fmt: skip
+        eq.check_results(eq.read_results(workdir, back), 1, PARTS)

@@ -1,7 +1,8 @@
 """Proves LoRA across processes: at TP=2, with and without SP, a LoRA LLM gives TP=1's logits, loss
 and adapter gradients (adapters resharded from a TP=1 checkpoint) and merging changes no logit;
 `salm train` with LoRA on a frozen pretrained LLM and encoder writes LoRA-only checkpoints at TP=2
-that resume at TP=1 (adapters and their optimizer state resharded) with the same losses."""
+(optimizer state fully_reshardable) that resume at TP=1 (adapters and their optimizer state
+resharded) with the same losses."""
 
 import shutil
 from pathlib import Path
@@ -72,7 +73,8 @@ def test_lora_only_checkpoints_resume(tmp_path, monkeypatch):
     pretrained = _pretrained(data_dir, tmp_path / "pretrained")
     whole = tmp_path / "whole"
     tp2 = "parallel.tensor_model_parallel_size=2"
-    train(data_dir, whole, 2, *LORA, *pretrained, tp2, "checkpoint.interval=2")
+    train(data_dir, whole, 2, *LORA, *pretrained, tp2, "checkpoint.interval=2",
+          "checkpoint.optimizer_format=fully_reshardable")  # fmt: skip
     step2 = whole / "checkpoints" / "step_0000002"
     assert checkpoint.left_out(step2) == ["llm.", "audio.encoder."]
     saved = sum(f.stat().st_size for f in step2.rglob("*") if f.is_file())

@@ -1,7 +1,9 @@
 """Proves `salm train` end to end in real processes: the loss falls (SALM, BESTOW); a run killed
 between or during checkpoint writes resumes to the very losses and sample keys of an uninterrupted
-run; checkpoints saved at TP=2 resume at TP=1 and PP=2; TP=2 x PP=2 follows TP=1 for 10 steps;
-a validation set smaller than DP ranks x workers validates as one rank does."""
+run (DP=2, optimizer state in the default dp_reshardable format, written in the background);
+checkpoints saved at TP=2 with a fully_reshardable optimizer resume at TP=1 and PP=2, and TP=2 x
+PP=2 follows TP=1 for 10 steps, while a dp_reshardable one is refused at another TP, naming the
+field; a validation set smaller than DP ranks x workers validates as one rank does."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from megatron.core import dist_checkpointing
 
 from tests.conftest import launch
 from tests.speech_fixtures import training_config, write_speech_shards
@@ -107,16 +110,22 @@ def test_killed_runs_resume_exactly(data_dir, tmp_path):
         "step_0000008",
         "step_0000012",
     ]
+    for step in ckpts.glob("step_*"):  # each rank wrote its own optimizer shard, nothing gathered
+        recorded = dist_checkpointing.load_content_metadata(str(step))
+        assert recorded["distrib_optim_sharding_type"] == "dp_reshardable", step
 
 
 def test_checkpoints_reshard_across_layouts(data_dir, tmp_path):
-    """Saved at TP=2; resumed at TP=1, PP=2 and TP=2 x PP=2 (4 ranks). The next step's loss
-    matches TP=2's, and TP=2 x PP=2 follows TP=1 for 10 steps. (LayerNorm in the encoder's conv
-    modules: TP ranks encode different segments, so BatchNorm's batch statistics would differ.)"""
+    """Saved at TP=2 (optimizer state fully_reshardable); resumed at TP=1, PP=2 and TP=2 x PP=2
+    (4 ranks). The next step's loss matches TP=2's, and TP=2 x PP=2 follows TP=1 for 10 steps.
+    TP=1's own checkpoint (dp_reshardable, the default) is refused at TP=2, naming the field.
+    (LayerNorm in the encoder's conv modules: TP ranks encode different segments, so BatchNorm's
+    batch statistics would differ.)"""
     tp2 = tmp_path / "tp2"
     norm = "encoder.conv_norm_type=layer_norm"
     train(data_dir, tp2, 2, "parallel.tensor_model_parallel_size=2", "checkpoint.interval=2",
-          "checkpoint.keep=null", "train.steps=3", norm)  # fmt: skip
+          "checkpoint.keep=null", "train.steps=3", "checkpoint.optimizer_format=fully_reshardable",
+          norm)  # fmt: skip
 
     def resumed(name: str, nprocs: int, steps: int, *layout: str) -> dict[int, dict]:
         out = tmp_path / name
@@ -138,6 +147,11 @@ def test_checkpoints_reshard_across_layouts(data_dir, tmp_path):
     for step in range(3, 13):
         a, b = tp2_pp2[step]["loss"], tp1[step]["loss"]
         assert abs(a - b) <= 1e-6 * b, (step, a, b)
+
+    out = train(data_dir, tmp_path / "tp1", 2, "train.steps=13", norm,
+                "parallel.tensor_model_parallel_size=2", check=False)  # fmt: skip
+    assert "holds its optimizer state as checkpoint.optimizer_format=dp_reshardable" in out, out
+    assert "(TP=1, PP=1, VPP=1), not at this run's (TP=2, PP=1, VPP=1)" in out, out
 
 
 def test_validation_smaller_than_ranks_x_workers_equals_one_rank(data_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""Proves `salm config` prints the resolved config and explains bad input with exit code 2."""
+"""Proves `salm config` prints the resolved config and explains bad input with exit code 2; the
+benchmarks print their figures, and their FLOP count is the one written out from the shapes."""
 
 import yaml
 
@@ -38,7 +39,7 @@ def test_bench_prints_its_figures():
 
     proc = subprocess.run(
         [sys.executable, "-m", "salm_megatron.cli", "bench", "--batch", "2", "--seconds", "1",
-         "--warmup", "0", "--repeats", "1"],
+         "--warmup", "0", "--repeats", "1", "--peak-tflops", "0.001"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -46,9 +47,34 @@ def test_bench_prints_its_figures():
         "audio s/s",
         "salm forward+backward",
         "bestow forward+backward",
+        "TFLOP/s  MFU",
         "SALM / BESTOW",
     ):
         assert figure in proc.stdout
+
+
+def test_training_flops_count_every_matmul(single_rank):
+    """The benchmark's FLOP count, against one written out from the shapes (tiny SALM)."""
+    from salm_megatron.bench import PEAK_BF16_TFLOPS, peak_tflops, training_flops
+    from salm_megatron.data import collate
+    from salm_megatron.models import build_speech_llm
+    from tests.speech_fixtures import speech_samples, tiny_config
+
+    cfg = tiny_config("salm")
+    (model,) = build_speech_llm(cfg)
+    batch = collate(speech_samples("salm"))
+    b, length = batch["input_ids"].shape[0], 40
+    llm = cfg.llm
+    h, kv = llm.hidden_size, llm.num_query_groups * llm.head_dim
+    q = llm.num_attention_heads * llm.head_dim
+    layer = h * (q + 2 * kv) + q * h + h * 2 * llm.ffn_hidden_size + llm.ffn_hidden_size * h
+    per_position = 2 * (llm.num_layers * layer + llm.padded_vocab_size * h)
+    attention = 2 * llm.num_layers * b * length**2 * q
+    audio = sum(p.numel() for p in model.audio.parameters() if p.dim() >= 2)
+    frames = int(model.encoder_frames(batch["audio_lengths"]).sum())
+    expected = 3 * (per_position * b * length + attention + 2 * audio * frames)
+    assert training_flops(model, batch, length) == expected
+    assert peak_tflops("NVIDIA H200") == PEAK_BF16_TFLOPS["H200"] and peak_tflops("CPU") is None
 
 
 def test_bench_data_prints_throughput():

@@ -2,7 +2,7 @@
 greedy, sampling, beam search; fp32 and bf16), that a sample decodes alike alone and in a
 left-padded batch (sampled ones too: each draws from its own seeded stream), that beam search
 reorders the cache in place, and the decoding rules: stop tokens, banned ids, top-k 1 and beam 1
-are greedy, seeds repeat."""
+are greedy, seeds repeat; validation's decoding copy carries every weight."""
 
 import pytest
 import torch
@@ -12,6 +12,7 @@ from salm_megatron.data import build_prompt, load_tokenizer
 from salm_megatron.data.prompts import generation_prompt
 from salm_megatron.inference.generation import Generator, _Cached
 from salm_megatron.models import build_speech_llm
+from salm_megatron.models.local_copy import copy_weights, decoding_model
 from tests.speech_fixtures import (
     AUDIO_TOKEN,
     make_hf_tokenizer,
@@ -124,3 +125,35 @@ def test_generation_prompt_stops_where_the_answer_starts(tmp_path):
         assert full.input_ids[: len(prompt)] == prompt
         assert full.answer_mask[len(prompt)] == 1 and not any(full.answer_mask[: len(prompt)])
         assert stop == end == full.input_ids[-1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_validation_decodes_a_copy_with_the_same_weights(single_rank, arch):
+    """``copy_weights`` (how validation copies a TE-spec model into the local spec) carries every
+    weight by checkpoint key: a model of other weights then decodes as the source does."""
+    source = _generator(arch)
+    torch.manual_seed(1)
+    (target,) = build_speech_llm(tiny_config(arch))
+    pairs = [
+        ((name, mine), theirs)
+        for (name, mine), theirs in zip(
+            target.state_dict().items(), source.model.state_dict().values(), strict=True
+        )
+        if isinstance(mine, torch.Tensor)  # not the modules' empty extra state
+    ]
+    assert any(not torch.equal(mine, theirs) for (_, mine), theirs in pairs)
+    copy_weights(source.model, target)
+    for (name, mine), theirs in pairs:
+        assert torch.equal(mine, theirs), name
+    copied = Generator(
+        target, source.decoding, stop_ids={EOS}, vocab_size=250, banned_ids=(AUDIO_TOKEN,)
+    )
+    samples = prompt_samples(arch)
+    assert copied.generate(samples) == source.generate(samples)
+    assert decoding_model(tiny_config(arch), source.model) is source.model  # the local spec
+
+
+def test_weights_of_another_model_are_refused(single_rank):
+    (salm,), (bestow,) = (build_speech_llm(tiny_config(arch)) for arch in ARCHS)
+    with pytest.raises(KeyError, match="cross_attention"):
+        copy_weights(salm, bestow)

@@ -1,4 +1,5 @@
-"""Proves SALM/BESTOW layouts, masks, the no-audio path, freezing, checkpoint coverage, learning."""
+"""Proves SALM/BESTOW layouts, masks, the no-audio path, freezing, checkpoint coverage, learning,
+the audio path kept fp32 in a bf16 model, and a CTC head with its own vocabulary."""
 
 import pytest
 import torch
@@ -217,3 +218,61 @@ def test_ctc_loss_adds_its_gradient_from_the_first_stage(single_rank, arch):
     for name, grad in with_ctc.items():
         expected = without.get(name, 0) + ctc.get(name, 0)
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_bf16_model_keeps_its_audio_path_in_fp32(single_rank, arch):
+    """Encoder, adapter and CTC weights and BatchNorm statistics stay fp32 in a bf16 model (the
+    LLM and BESTOW block are bf16); the audio path computes under autocast and hands the LLM
+    bf16 embeddings; the loss is the fp32 model's to bf16 precision."""
+    torch.manual_seed(0)
+    (fp32,) = build_speech_llm(tiny_config(arch, ctc_weight=0.5))
+    torch.manual_seed(0)
+    (bf16,) = build_speech_llm(tiny_config(arch, ctc_weight=0.5), params_dtype=torch.bfloat16)
+    audio_side = ("audio.", "ctc.")
+    for name, tensor in (*bf16.named_parameters(), *bf16.named_buffers()):
+        if tensor.is_floating_point():
+            expected = torch.float32 if name.startswith(audio_side) else torch.bfloat16
+            assert tensor.dtype == expected, name
+    batch = collate(speech_samples(arch))
+    emb, _ = bf16.audio(batch["audio"], batch["audio_lengths"])
+    assert emb.dtype == torch.bfloat16
+    torch.manual_seed(1)  # the same SpecAugment masks in both
+    loss = bf16.train()(batch).float().sum()
+    loss.backward()
+    encoder = [p for n, p in bf16.named_parameters() if n.startswith("audio.encoder")]
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in encoder)
+    torch.manual_seed(1)
+    torch.testing.assert_close(loss, fp32.train()(batch).sum(), rtol=2e-2, atol=0)
+
+
+def test_the_ctc_head_can_have_its_own_vocabulary(single_rank, tmp_path):
+    """``model.ctc_tokenizer`` (e.g. the encoder's own small SentencePiece): training sets the
+    head's size from it, refusing a ctc_vocab_size that is not its; transcripts are spelled in
+    its ids; the head projects onto those ids (+ blank) and trains."""
+    from salm_megatron.config import ConfigError
+    from salm_megatron.data import load_tokenizer
+    from salm_megatron.data.samples import make_sample
+    from salm_megatron.training.data import check_ctc_tokenizer
+    from tests.speech_fixtures import make_hf_tokenizer
+    from tests.tokenizer_layouts import llama2_sentencepiece
+
+    spm = llama2_sentencepiece(tmp_path / "ctc")  # 384 ids
+    cfg = tiny_config("salm", ctc_weight=0.5, ctc_tokenizer=str(spm))
+    assert check_ctc_tokenizer(tiny_config("salm")) == tiny_config("salm")  # the LLM's
+    with pytest.raises(ConfigError, match="ctc_vocab_size=12, but model.ctc_tokenizer=.* 384 "):
+        check_ctc_tokenizer(tiny_config("salm", ctc_tokenizer=str(spm), ctc_vocab_size=12))
+    cfg = check_ctc_tokenizer(cfg)
+    assert cfg.model.ctc_vocab_size == 384 != cfg.llm.vocab_size
+    (model,) = build_speech_llm(cfg)
+    assert model.ctc.proj.out_features == 385  # + blank
+
+    spelled, llm_tokenizer = load_tokenizer(spm), load_tokenizer(make_hf_tokenizer(tmp_path))
+    raw = {"audio": waveform(0.5, 0), "answer": "hello world", "task": "asr", "key": "k"}
+    sample = make_sample(raw, llm_tokenizer, "plain", "salm", ctc_tokenizer=spelled)
+    assert sample.transcripts == [spelled.encode("hello world")]
+    assert sample.transcripts != [llm_tokenizer.encode("hello world")]
+
+    batch = collate(speech_samples("salm"))
+    model.train()(batch).sum().backward()
+    assert model.ctc_loss_sum > 0 and model.ctc.proj.weight.grad.abs().sum() > 0
