@@ -15,13 +15,17 @@ from typing import Optional
 
 import nemo_run as run
 
+# Every task's environment: one thread per process for CPU ops; and kernels launched in issue
+# order, which Megatron's overlap of TP/SP communication with compute relies on (it warns without).
+TASK_ENV = {"OMP_NUM_THREADS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+
 
 def local(ntasks_per_node: int = 1, env: Optional[dict[str, str]] = None) -> run.LocalExecutor:
     """``ntasks_per_node`` processes under torchrun here: one per GPU, or CPU processes over gloo
     where there is no GPU."""
     bin_dir = str(Path(sys.executable).parent)  # torchrun next to this interpreter
     path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
-    env_vars = {"PATH": path, "OMP_NUM_THREADS": "1", **(env or {})}
+    env_vars = {"PATH": path, **TASK_ENV, **(env or {})}
     return run.LocalExecutor(
         ntasks_per_node=ntasks_per_node, launcher="torchrun", env_vars=env_vars
     )
@@ -70,7 +74,7 @@ def slurm(
         time=time,
         container_image=container_image,
         container_mounts=list(container_mounts or []),
-        env_vars={"OMP_NUM_THREADS": "1", **(env or {})},
+        env_vars={**TASK_ENV, **(env or {})},
         job_name_prefix="salm.",  # NeMo-Run would derive it from the account, which may be unset
         signal="USR1@120",  # every task: save and exit 75 two minutes before the time limit
         tunnel=tunnel,

@@ -1,6 +1,6 @@
 """Proves the NeMo-Run recipes: every recipe's layout fits its machines (world size, batch) and
 survives the trip through NeMo-Run's config (field by field overridable, rebuilt equal); the CLI
-rejects bad input by name; `salm_tiny` trains and checkpoints through NeMo-Run's LocalExecutor
+rejects bad input by name; the executors' task environment; `salm_tiny` trains and checkpoints through NeMo-Run's LocalExecutor
 with torchrun and 2 CPU processes."""
 
 from __future__ import annotations
@@ -59,6 +59,16 @@ def test_recipe_specifics():
     if hasattr(lora, "lora"):
         assert lora.lora.rank == 32
     assert TRAINING["bestow_llama3_8b"].config().model.arch == "bestow"
+
+
+def test_executors_launch_kernels_in_issue_order(tmp_path, monkeypatch):
+    """Every task gets CUDA_DEVICE_MAX_CONNECTIONS=1 (Megatron's TP/SP overlap needs it)."""
+    from recipes import executors
+
+    monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "runs"))
+    for executor in (executors.local(), executors.slurm(account="a", partition="p")):
+        assert executor.env_vars["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+        assert executor.env_vars["OMP_NUM_THREADS"] == "1"
 
 
 def test_cli_builds_and_rejects():
