@@ -12,6 +12,7 @@ DP rank whose share has ended gets steps of no micro-batches (it still joins the
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -36,6 +37,13 @@ from ..parallel import maxima_over_ranks
 SKIP_REASONS = (*loader.SKIP_REASONS, *batching.SKIP_REASONS)  # what `skipped` counts
 
 
+@functools.cache
+def ctc_tokenizer(path: str) -> Tokenizer:
+    """``model.ctc_tokenizer``, read once per process (the config check, then every training and
+    validation stream)."""
+    return load_tokenizer(path)
+
+
 def check_ctc_tokenizer(cfg: Config) -> Config:
     """``cfg`` with ``model.ctc_vocab_size`` set from ``model.ctc_tokenizer`` (what null
     means); unchanged without one (the CTC head then uses the LLM's vocabulary)."""
@@ -43,7 +51,7 @@ def check_ctc_tokenizer(cfg: Config) -> Config:
     if model.ctc_tokenizer is None:
         return cfg
     try:
-        size = load_tokenizer(model.ctc_tokenizer).base_vocab_size
+        size = ctc_tokenizer(model.ctc_tokenizer).base_vocab_size
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.ctc_tokenizer: {err}") from None
     if model.ctc_vocab_size not in (None, size):
@@ -122,7 +130,7 @@ class StepBatches:
         data = cfg.data
         self.cfg, self.pad_id, self.train = cfg, tokenizer.pad_id, train
         ctc = cfg.model.ctc_tokenizer
-        self.ctc_tokenizer = load_tokenizer(ctc) if ctc and cfg.model.ctc_weight else None
+        self.ctc_tokenizer = ctc_tokenizer(ctc) if ctc and cfg.model.ctc_weight else None
         self.sample_rate = cfg.encoder.features.sample_rate
         self.length = llm_sequence_length(cfg)
         self.pipeline = parallel_state.get_pipeline_model_parallel_world_size()

@@ -1,7 +1,7 @@
 """Proves the NeMo-Run recipes: every recipe's layout fits its machines (world size, batch) and
 survives the trip through NeMo-Run's config (field by field overridable, rebuilt equal); the CLI
-rejects bad input by name; the executors' task environment; `salm_tiny` trains and checkpoints through NeMo-Run's LocalExecutor
-with torchrun and 2 CPU processes."""
+rejects bad input by name; the executors set each task's environment; `salm_tiny` trains and
+checkpoints through NeMo-Run's LocalExecutor with torchrun and 2 CPU processes."""
 
 from __future__ import annotations
 
