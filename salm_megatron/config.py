@@ -826,6 +826,13 @@ class DataConfig:
     # needs): few distinct shapes, so attention kernels and fused ops are not rebuilt every step.
     # null: 128 on a GPU, none on the CPU.
     length_multiple: Optional[int] = None
+    # Sequence packing: each micro-batch is one row of pack_tokens LLM positions (SALM: after the
+    # audio splice; BESTOW: the text) holding whole samples, filled best-fit from the
+    # bucket_window samples read together (data/packing.py); each sample is its own sequence
+    # (positions restart, attention stays inside it). A sample longer than pack_tokens is
+    # skipped and counted. Replaces micro_batch_size and max_tokens.
+    packing: bool = False
+    pack_tokens: Optional[int] = None
 
     def __post_init__(self):
         self.train_shards = _weighted_shards("data.train_shards", self.train_shards)
@@ -840,6 +847,19 @@ class DataConfig:
         for name in ("micro_batch_size", "bucket_window"):
             _positive(f"data.{name}", getattr(self, name))
         _optional_positive("data.max_tokens", self.max_tokens)
+        _require(
+            isinstance(self.packing, bool), f"data.packing={self.packing!r} must be true or false"
+        )
+        _optional_positive("data.pack_tokens", self.pack_tokens)
+        _require(
+            not self.packing or self.pack_tokens is not None,
+            "data.packing=true needs data.pack_tokens (the positions of one packed row)",
+        )
+        _require(
+            not self.packing or self.max_tokens is None,
+            f"data.packing=true fills rows of data.pack_tokens={self.pack_tokens} positions; "
+            f"data.max_tokens={self.max_tokens} does not apply: set it to null",
+        )
         for name in ("shuffle_buffer", "num_workers"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, f"data.{name}={value!r} must be >= 0")
