@@ -377,11 +377,6 @@ def validate_layout(llm: LLMConfig, parallel: ParallelConfig) -> None:
             f"parallel.virtual_pipeline_model_parallel_size={chunks} (each model chunk of a "
             "stage holds as many layers)",
         )
-    _require(
-        parallel.context_parallel_size == 1 or llm.transformer_impl != "local",
-        f"parallel.context_parallel_size={parallel.context_parallel_size} needs Transformer "
-        "Engine attention, but llm.transformer_impl='local'",
-    )
 
 
 # ------------------------------------------------------------------------------------------- audio
@@ -1128,6 +1123,13 @@ class Config:
             "pipeline stages exchange one activation shape; with "
             f"parallel.pipeline_model_parallel_size={self.parallel.pipeline_model_parallel_size} "
             "use data.micro_batch_size",
+        )
+        cp = self.parallel.context_parallel_size
+        _require(
+            not (self.data.packing and cp > 1),
+            f"data.packing=true with parallel.context_parallel_size={cp}: packed rows cannot be "
+            "cut into context-parallel chunks here (each sample would need its own 2 x CP "
+            "chunks); use one of the two",
         )
         data, stages = self.data, self.parallel.pipeline_model_parallel_size
         _require(

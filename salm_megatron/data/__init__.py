@@ -3,6 +3,7 @@
 from .batching import BucketBatcher, WeightedMix, token_cost
 from .collate import SpeechSample, collate
 from .loader import LoadedStream, SampleStream
+from .packing import PackBatcher
 from .prompts import DEFAULT_INSTRUCTIONS, PROMPT_FORMATS, Prompt, build_prompt, instruction
 from .tokenizers import AUDIO_TOKEN, Tokenizer, load_tokenizer
 
@@ -10,6 +11,7 @@ __all__ = [
     "AUDIO_TOKEN",
     "BucketBatcher",
     "LoadedStream",
+    "PackBatcher",
     "SampleStream",
     "WeightedMix",
     "token_cost",

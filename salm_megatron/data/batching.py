@@ -10,7 +10,8 @@ plus how many of the window's batches were already emitted (and the samples skip
 A repeating stream of a small dataset (a data-parallel rank's share shorter than the window)
 puts several copies of a sample in one window, with equal cost: they go to different batches
 (see :meth:`BucketBatcher._cut`), never side by side in one. A sample costing more than
-``max_tokens`` is skipped and counted (``skipped``), not raised mid-run.
+``max_tokens`` is skipped and counted (``skipped``), not raised mid-run. The window and resume
+machinery lives in :class:`WindowBatcher`, shared with the sequence packer (``packing.py``).
 """
 
 from __future__ import annotations
@@ -77,108 +78,102 @@ def copy_key(sample: Any) -> Hashable:
     return sample
 
 
-class BucketBatcher:
-    """Micro-batches of samples of similar cost from a resumable sample stream."""
+class WindowBatcher:
+    """Micro-batches cut window by window from a resumable sample stream, exactly resumable.
+
+    Reads ``window`` samples, cuts them into micro-batches (:meth:`_cut`, the subclass's rule),
+    shuffles those with ``random.Random(f"{seed}-{window_index}")`` and emits them. A window is a
+    pure function of the source's state at its start, so the state is that source state, the
+    window's index, the micro-batches of it already emitted and the samples skipped before it.
+    A sample over the subclass's limit is skipped and counted under :attr:`skip_reason`.
+    """
+
+    # Set by each subclass, for ``skipped`` and the messages:
+    skip_reason: str  # the key of ``skipped``
+    limit_name: str  # the parameter a skipped sample exceeds
+    size_words: tuple[str, str]  # "a sample <verb> N <unit>"
 
     def __init__(
         self,
         source: Resumable,
-        cost: Callable[[Any], int],
         *,
-        max_tokens: Optional[int] = None,
-        batch_size: Optional[int] = None,
-        window: int = 1000,
-        seed: int = 0,
-        copy_key: Callable[[Any], Hashable] = copy_key,
+        limit: Optional[int],
+        window: int,
+        seed: int,
+        copy_key: Callable[[Any], Hashable],
     ):
-        if (max_tokens is None) == (batch_size is None):
-            raise ValueError("give exactly one of max_tokens (dynamic) or batch_size (fixed)")
-        for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size),
-                            ("window", window)):  # fmt: skip
-            if value is not None and value < 1:
-                raise ValueError(f"{name}={value} must be at least 1")
-        self.source, self.cost = source, cost
-        self.max_tokens, self.batch_size, self.window, self.seed = (
-            max_tokens, batch_size, window, seed,
-        )  # fmt: skip
-        self.copy_key = copy_key
+        if window < 1:
+            raise ValueError(f"window={window} must be at least 1")
+        self.source, self.window, self.seed, self.copy_key = source, window, seed, copy_key
+        self._limit = limit  # samples over it are skipped (None: none is)
         self._resume: Optional[dict] = None
         self._state = {"source": source.state_dict(), "window": 0, "emitted": 0, "skipped": 0}
-        self._skipped = 0  # over max_tokens, in the windows cut so far
+        self._skipped = 0  # over the limit, in the windows cut so far
         self._unfit: Optional[set] = set()  # keys skipped while no sample fitted (None: one did)
         self._warned_copies = False
 
     @property
     def skipped(self) -> dict[str, int]:
         """Samples skipped, by reason (:data:`SKIP_REASONS`), in the windows read so far."""
-        return {"over_max_tokens": self._skipped}
+        return {self.skip_reason: self._skipped}
 
-    def _fits(self, size: int, cost: int) -> bool:
-        """Whether a sample of ``cost`` (the longest yet) joins a batch of ``size`` samples."""
-        if self.batch_size is not None:
-            return size < self.batch_size
-        return cost * (size + 1) <= self.max_tokens
+    def _cut(self, samples: list) -> list[list]:
+        """The window's micro-batches (before the shuffle); skip samples with :meth:`_within`."""
+        raise NotImplementedError
 
-    def _skip(self, sample: Any, cost: int, key: Hashable) -> None:
-        """Count a sample over ``max_tokens``; a repeating stream of which no sample fits would
+    def _copy_numbers(self, keys: list[Hashable]) -> list[int]:
+        """Which copy of its sample each one is (0: the first in the window); a window with
+        copies is said once, since it means the data is shorter than the window."""
+        numbers, seen = [], {}
+        for key in keys:
+            numbers.append(seen.get(key, 0))
+            seen[key] = numbers[-1] + 1
+        if len(seen) < len(keys) and not self._warned_copies:
+            self._warned_copies = True
+            logger.warning(
+                "a batching window of %d samples holds %d copies (a data-parallel rank's share "
+                "of the data is shorter than the window): they go to different micro-batches; a "
+                "window no longer than the share sorts each sample once",
+                len(keys), len(keys) - len(seen),
+            )  # fmt: skip
+        return numbers
+
+    def _within(
+        self, order: list[int], samples: list, sizes: list[int], keys: list[Hashable]
+    ) -> list[int]:
+        """The indices in ``order`` of the samples within the limit; the others are skipped
+        (counted, the first few named in the log) in that order."""
+        if self._limit is None:
+            self._unfit = None
+            return list(order)
+        if any(sizes[i] <= self._limit for i in order):
+            self._unfit = None  # this stream has a sample that fits: skipping cannot loop
+        kept = []
+        for i in order:
+            if sizes[i] <= self._limit:
+                kept.append(i)
+            else:
+                self._skip(samples[i], sizes[i], keys[i])
+        return kept
+
+    def _skip(self, sample: Any, size: int, key: Hashable) -> None:
+        """Count a sample over the limit; a repeating stream of which no sample fits would
         skip forever, so the first skipped sample seen again before any fitted is an error."""
+        verb, unit = self.size_words
         if self._unfit is not None:
             if key in self._unfit:
                 raise ValueError(
-                    f"every sample costs more than max_tokens={self.max_tokens} tokens (e.g. "
-                    f"{getattr(sample, 'key', None) or sample!r}: {cost}); raise max_tokens"
+                    f"every sample {verb} more than {self.limit_name}={self._limit} {unit} (e.g. "
+                    f"{getattr(sample, 'key', None) or sample!r}: {size}); raise {self.limit_name}"
                 )
             self._unfit.add(key)
         self._skipped += 1
         if self._skipped <= MAX_WARNINGS:
             logger.warning(
-                "skipping %s (over_max_tokens): it costs %d tokens, more than max_tokens=%d",
-                getattr(sample, "key", None) or repr(sample), cost, self.max_tokens,
+                "skipping %s (%s): it %s %d %s, more than %s=%d",
+                getattr(sample, "key", None) or repr(sample), self.skip_reason, verb, size, unit,
+                self.limit_name, self._limit,
             )  # fmt: skip
-
-    def _cut(self, samples: list) -> list[list]:
-        """Batches of the window's samples, shortest first (ties in arrival order; each further
-        copy of a sample in a later pass). Each batch takes, in that order, the first samples
-        left that are no copy of one it holds, until the next does not fit (padded cost: the
-        longest times the size, or ``batch_size``): without copies, a plain cut of the sorted
-        window; a copy waits for the next batch, so no batch holds two."""
-        costs = [self.cost(s) for s in samples]
-        keys = [self.copy_key(s) for s in samples]
-        copy_number, seen = [], {}
-        for key in keys:
-            copy_number.append(seen.get(key, 0))
-            seen[key] = copy_number[-1] + 1
-        if len(seen) < len(keys) and not self._warned_copies:
-            self._warned_copies = True
-            logger.warning(
-                "a bucket window of %d samples holds %d copies (a data-parallel rank's share of "
-                "the data is shorter than the window): they go to different micro-batches; a "
-                "window no longer than the share sorts each sample once",
-                len(keys), len(keys) - len(seen),
-            )  # fmt: skip
-        queue = []
-        for i in sorted(range(len(samples)), key=lambda i: (copy_number[i], costs[i])):
-            if self.max_tokens is not None and costs[i] > self.max_tokens:
-                self._skip(samples[i], costs[i], keys[i])
-            else:
-                self._unfit = None
-                queue.append(i)
-        batches = []
-        while queue:
-            taken, held, longest, waiting = [], set(), 0, []
-            for position, i in enumerate(queue):
-                if keys[i] in held:
-                    waiting.append(i)
-                elif not taken or self._fits(len(taken), max(longest, costs[i])):
-                    taken.append(i)
-                    held.add(keys[i])
-                    longest = max(longest, costs[i])
-                else:
-                    waiting += queue[position:]
-                    break
-            batches.append([samples[i] for i in taken])
-            queue = waiting
-        return batches
 
     def __iter__(self) -> Iterator[list]:
         if self._resume is not None:
@@ -213,6 +208,65 @@ class BucketBatcher:
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state)
         self._state = dict(state)
+
+
+class BucketBatcher(WindowBatcher):
+    """Micro-batches of samples of similar cost from a resumable sample stream."""
+
+    skip_reason, limit_name, size_words = "over_max_tokens", "max_tokens", ("costs", "tokens")
+
+    def __init__(
+        self,
+        source: Resumable,
+        cost: Callable[[Any], int],
+        *,
+        max_tokens: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        window: int = 1000,
+        seed: int = 0,
+        copy_key: Callable[[Any], Hashable] = copy_key,
+    ):
+        if (max_tokens is None) == (batch_size is None):
+            raise ValueError("give exactly one of max_tokens (dynamic) or batch_size (fixed)")
+        for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be at least 1")
+        super().__init__(source, limit=max_tokens, window=window, seed=seed, copy_key=copy_key)
+        self.cost, self.max_tokens, self.batch_size = cost, max_tokens, batch_size
+
+    def _fits(self, size: int, cost: int) -> bool:
+        """Whether a sample of ``cost`` (the longest yet) joins a batch of ``size`` samples."""
+        if self.batch_size is not None:
+            return size < self.batch_size
+        return cost * (size + 1) <= self.max_tokens
+
+    def _cut(self, samples: list) -> list[list]:
+        """Batches of the window's samples, shortest first (ties in arrival order; each further
+        copy of a sample in a later pass). Each batch takes, in that order, the first samples
+        left that are no copy of one it holds, until the next does not fit (padded cost: the
+        longest times the size, or ``batch_size``): without copies, a plain cut of the sorted
+        window; a copy waits for the next batch, so no batch holds two."""
+        costs = [self.cost(s) for s in samples]
+        keys = [self.copy_key(s) for s in samples]
+        copy_number = self._copy_numbers(keys)
+        order = sorted(range(len(samples)), key=lambda i: (copy_number[i], costs[i]))
+        queue = self._within(order, samples, costs, keys)
+        batches = []
+        while queue:
+            taken, held, longest, waiting = [], set(), 0, []
+            for position, i in enumerate(queue):
+                if keys[i] in held:
+                    waiting.append(i)
+                elif not taken or self._fits(len(taken), max(longest, costs[i])):
+                    taken.append(i)
+                    held.add(keys[i])
+                    longest = max(longest, costs[i])
+                else:
+                    waiting += queue[position:]
+                    break
+            batches.append([samples[i] for i in taken])
+            queue = waiting
+        return batches
 
 
 class GlobalBatches:

@@ -20,15 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import BestowConfig
-from .speech_llm import (
-    Layout,
-    SpeechLLM,
-    left_align,
-    next_token_targets,
-    on_host,
-    padded_length,
-    sent_like,
-)
+from .layout import Layout, arrange
+from .speech_llm import SpeechLLM, left_align, on_host, sent_like
 
 
 class Attention(torch.nn.Module):
@@ -210,20 +203,31 @@ class BESTOW(SpeechLLM):
                 self.llm.embedding.word_embeddings.weight.dtype
             )
 
-    def layout(self, batch: dict, sequence_length: int | None) -> Layout:
-        ids, answer = batch["input_ids"], batch["answer_mask"]
+    def layout(self, batch: dict, sequence_length: int | None, packed: bool = False) -> Layout:
+        """The LLM reads the text: the table the layout indexes is the block's output for the
+        ``b * s`` tokens (sample-major), then a zero row."""
+        device = batch["input_ids"].device
+        host = on_host(batch)
+        ids, answer = host["input_ids"], host["answer_mask"]
         b, s = ids.shape
-        length = padded_length(s, self.pad_multiple, sequence_length)
-        ids = F.pad(ids, (0, length - s))
-        labels, loss_mask = next_token_targets(ids, F.pad(answer, (0, length - s)).bool())
-        positions = torch.arange(length, device=ids.device).expand(b, length)
-        return Layout(length=length, labels=labels, loss_mask=loss_mask, position_ids=positions)
+        lengths = host.get("text_lengths")
+        return arrange(
+            torch.arange(b * s).view(b, s), ids, answer,
+            torch.full((b,), s) if lengths is None else lengths,
+            pad_source=b * s, multiple=self.pad_multiple, sequence_length=sequence_length,
+            packed=packed, device=device,
+        )  # fmt: skip
 
     def embed(self, batch: dict, layout: Layout) -> torch.Tensor:
-        ids = F.pad(batch["input_ids"], (0, layout.length - batch["input_ids"].shape[1]))
-        text = self.text_embeddings(ids, layout.position_ids)
+        ids = batch["input_ids"]
+        b, s = ids.shape
+        text = self.text_embeddings(ids, torch.arange(s, device=ids.device).expand(b, s))
         audio, valid, has_audio, keep_in_graph = self.audio_by_sample(batch)
-        return self.cross_attention(text, audio, valid, has_audio) + keep_in_graph
+        # Each sample's text attends to its own audio, whichever way the LLM's rows hold them.
+        out = self.cross_attention(text, audio, valid, has_audio)  # [s, b, h]
+        h = out.shape[-1]
+        table = torch.cat([out.transpose(0, 1).reshape(b * s, h), out.new_zeros(1, h)])
+        return table[layout.source].transpose(0, 1).contiguous() + keep_in_graph
 
     def audio_by_sample(self, batch: dict):
         """Each sample's audio frames ``[b, T, h]``, their valid mask ``[b, T]``, which samples

@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .speech_llm import (
-    Layout,
-    SpeechLLM,
-    embedding_lengths,
-    left_align,
-    next_token_targets,
-    on_host,
-    padded_length,
-)
-
-
-@dataclass
-class SpliceLayout(Layout):
-    """Per merged position: the text token it copies, or the audio segment and frame."""
-
-    text_position: torch.Tensor  # [b, S] index into the sample's tokens, -1 elsewhere
-    audio_segment: torch.Tensor  # [b, S] segment index, -1 elsewhere
-    audio_frame: torch.Tensor  # [b, S]
+from .layout import Layout, arrange
+from .speech_llm import SpeechLLM, embedding_lengths, left_align, on_host, sent_like
 
 
 def splice_layout(
@@ -35,19 +17,22 @@ def splice_layout(
     sequence_length: int | None = None,
     text_lengths: torch.Tensor | None = None,
     device: torch.device | None = None,
-) -> SpliceLayout:
+    packed: bool = False,
+) -> Layout:
     """Lay out each sample's tokens with every placeholder replaced by its segment's frames.
 
-    ``text_lengths [b]`` (tokens before right padding) keeps a sample's text padding out of the
-    merged sequence, so a sample's length there is its own, not the batch's longest text's.
-    The inputs are read on the host (pass host tensors: no sync); the layout goes to ``device``
-    (default: that of ``input_ids``).
+    The embedding table the layout's ``source`` indexes holds the ``b * s`` token embeddings
+    (sample-major), then the segments' frames one segment after another, then a zero row. ``text_lengths [b]`` (tokens before right padding) keeps a sample's text padding out of
+    its sequence. The inputs are read on the host (pass host tensors: no sync); the layout goes
+    to ``device`` (default: that of ``input_ids``).
     """
     b, s = input_ids.shape
+    ids, answer = input_ids.cpu(), answer_mask.cpu().bool()
+    segment_lengths = segment_lengths.cpu().long()
     real = torch.ones(b, s, dtype=torch.bool)
     if text_lengths is not None:
         real = torch.arange(s)[None, :] < text_lengths.cpu()[:, None]
-    is_placeholder = input_ids.cpu() == audio_token_id
+    is_placeholder = ids == audio_token_id
     if bool((is_placeholder & ~real).any()):
         raise ValueError("an audio placeholder lies in a sample's padding (past text_lengths)")
     found, given = int(is_placeholder.sum()), len(segment_lengths)
@@ -56,47 +41,38 @@ def splice_layout(
             f"the batch has {found} audio placeholders (token id {audio_token_id}) but {given} "
             "audio segments; each segment needs exactly one placeholder"
         )
-    if bool((answer_mask.cpu().bool() & is_placeholder).any()):
+    if bool((answer & is_placeholder).any()):
         raise ValueError("answer_mask marks an audio placeholder; answers must be text")
 
     # Each token takes one position; a placeholder takes its segment's frame count; padding none.
     width = real.long()
-    width[is_placeholder] = segment_lengths.cpu().long()  # row-major = segment order
+    width[is_placeholder] = segment_lengths  # row-major = segment order
     starts = width.cumsum(1) - width
-    total = width.sum(1)
-    length = padded_length(int(total.max()), multiple, sequence_length)
-
-    text_position = torch.full((b, length), -1, dtype=torch.long)
-    audio_segment = torch.full((b, length), -1, dtype=torch.long)
-    audio_frame = torch.zeros((b, length), dtype=torch.long)
+    lengths = width.sum(1)
+    first_frame = b * s + segment_lengths.cumsum(0) - segment_lengths  # each segment's row
+    pad_row = b * s + int(segment_lengths.sum())
+    source = torch.full((b, int(lengths.max())), pad_row, dtype=torch.long)
     rows, cols = torch.nonzero(real & ~is_placeholder, as_tuple=True)
-    text_position[rows, starts[rows, cols]] = cols
+    source[rows, starts[rows, cols]] = rows * s + cols
     for segment, (row, col) in enumerate(torch.nonzero(is_placeholder).tolist()):
-        span = slice(int(starts[row, col]), int(starts[row, col]) + int(segment_lengths[segment]))
-        audio_segment[row, span] = segment
-        audio_frame[row, span] = torch.arange(int(segment_lengths[segment]))
+        start, n = int(starts[row, col]), int(segment_lengths[segment])
+        source[row, start : start + n] = first_frame[segment] + torch.arange(n)
 
-    is_text = text_position >= 0
-    source = text_position.clamp(min=0)
-    merged_ids = torch.where(is_text, input_ids.cpu().gather(1, source), 0)
-    merged_answer = is_text & answer_mask.cpu().bool().gather(1, source)
-    labels, loss_mask = next_token_targets(merged_ids, merged_answer)
-    device = input_ids.device if device is None else device
-    sent = {
-        name: tensor.to(device, non_blocking=True)
-        for name, tensor in (("labels", labels), ("loss_mask", loss_mask),
-                             ("text_position", text_position), ("audio_segment", audio_segment),
-                             ("audio_frame", audio_frame))
-    }  # fmt: skip
-    return SpliceLayout(
-        length=length, position_ids=torch.arange(length, device=device).expand(b, length), **sent
-    )
+    is_text = source < b * s
+    text = source.clamp(max=b * s - 1)
+    merged_ids = torch.where(is_text, ids.flatten()[text], 0)
+    merged_answer = is_text & answer.flatten()[text]
+    return arrange(
+        source, merged_ids, merged_answer, lengths, pad_source=pad_row, multiple=multiple,
+        sequence_length=sequence_length, packed=packed,
+        device=input_ids.device if device is None else device,
+    )  # fmt: skip
 
 
 class SALM(SpeechLLM):
     """Speech-augmented LM: the LLM reads ``[prompt text, audio frames, more text, answer]``."""
 
-    def layout(self, batch: dict, sequence_length: int | None) -> SpliceLayout:
+    def layout(self, batch: dict, sequence_length: int | None, packed: bool = False) -> Layout:
         device = batch["input_ids"].device
         batch = on_host(batch)
         lengths = batch.get("audio_lengths")
@@ -114,29 +90,27 @@ class SALM(SpeechLLM):
             sequence_length,
             batch.get("text_lengths"),
             device,
+            packed,
         )
 
-    def embed(self, batch: dict, layout: SpliceLayout) -> torch.Tensor:
+    def embed(self, batch: dict, layout: Layout) -> torch.Tensor:
         ids = batch["input_ids"]
         b, s = ids.shape
         text = self.text_embeddings(ids, torch.arange(s, device=ids.device).expand(b, s))
         h = text.shape[-1]
-        audio, _, keep_in_graph = self.encode_audio(batch)  # lengths as the layout planned them
-        frames = audio.shape[1] if audio.numel() else 1
-        # One table of rows to gather from: text tokens, audio frames, then a zero row (padding).
-        table = torch.cat(
-            [text.transpose(0, 1).reshape(b * s, h), audio.reshape(-1, h), text.new_zeros(1, h)]
-        )
-        pad_row = table.shape[0] - 1
-        rows = torch.arange(b, device=ids.device)[:, None] * s + layout.text_position
-        audio_rows = b * s + layout.audio_segment * frames + layout.audio_frame
-        index = torch.where(layout.text_position >= 0, rows, pad_row)
-        index = torch.where(layout.audio_segment >= 0, audio_rows, index)
-        merged = table[index]  # [b, S, h]
+        audio, planned, keep_in_graph = self.encode_audio(batch)
+        # Each segment's planned frames of the padded [n, t, h] (index made on the host).
+        frames = [k * audio.shape[1] + torch.arange(n) for k, n in enumerate(planned.tolist())]
+        frames = sent_like(torch.cat(frames) if frames else torch.zeros(0, dtype=torch.long), ids)
+        # The layout's table: text tokens, audio frames, then a zero row (padding).
+        table = torch.cat([
+            text.transpose(0, 1).reshape(b * s, h), audio.reshape(-1, h)[frames],
+            text.new_zeros(1, h),
+        ])  # fmt: skip
+        merged = table[layout.source]  # [r, S, h]
         return merged.transpose(0, 1).contiguous() + keep_in_graph
 
     def prompt_embeddings(self, batch: dict):
         layout = self.layout(batch, None)
-        lengths = ((layout.text_position >= 0) | (layout.audio_segment >= 0)).sum(1)
-        emb, valid = left_align(self.embed(batch, layout), lengths)
+        emb, valid = left_align(self.embed(batch, layout), layout.lengths)
         return emb, valid, None

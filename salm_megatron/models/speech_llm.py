@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from ..audio import (
@@ -44,8 +43,9 @@ from ..audio import (
 from ..audio.adapters import audio_embedding_lengths
 from ..audio.masks import require
 from ..config import Config
-from ..llm import build_llm, vocab_parallel_hits
-from .audio_split import gather_segments, tp_share
+from ..llm import build_llm, local_chunks, packed_rows, vocab_parallel_hits
+from .audio_split import audio_share, gather_segments
+from .layout import Layout
 from .lora import adapter_parameters, apply_lora
 
 # The parts each model.freeze_* switch freezes (the CTC head is the encoder's auxiliary head).
@@ -193,6 +193,14 @@ class _WithLoss(torch.autograd.Function):
         return grad, torch.ones_like(loss)
 
 
+def loss_tokens(batch: dict) -> torch.Tensor:
+    """The answer tokens this rank counts toward the loss's denominator: all of the micro-batch's
+    on context-parallel rank 0, none on the others (their losses cover other chunks of the same
+    samples), so a sum over the DP x CP ranks, as Megatron makes it, counts each token once."""
+    tokens = batch["answer_mask"].sum().to(torch.int)
+    return tokens if parallel_state.get_context_parallel_rank() == 0 else tokens * 0
+
+
 def embedding_lengths(cfg: Config, audio_lengths: torch.Tensor) -> torch.Tensor:
     """Frames each segment becomes after features, encoder and adapter (no weights needed)."""
     return audio_embedding_lengths(cfg.encoder, cfg.adapter, audio_lengths)
@@ -227,39 +235,6 @@ def check_batch(batch: dict) -> None:
             f"audio {list(audio.shape)} must be [n, samples] with audio_lengths [n], "
             f"got audio_lengths {list(lengths.shape)}"
         )
-
-
-@dataclass
-class Layout:
-    """Where things sit in the LLM's sequence of one micro-batch (same on every stage)."""
-
-    length: int  # S, padded
-    labels: torch.Tensor  # [b, S] next token at each position
-    loss_mask: torch.Tensor  # [b, S] 1 where the next token is an answer token
-    position_ids: torch.Tensor  # [b, S]
-
-
-def next_token_targets(
-    ids: torch.Tensor, answer: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and loss mask for next-token prediction over ``ids [b, S]`` (last position: none)."""
-    labels = torch.zeros_like(ids)
-    labels[:, :-1] = ids[:, 1:]
-    loss_mask = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-    loss_mask[:, :-1] = answer[:, 1:].float()
-    return labels, loss_mask
-
-
-def padded_length(length: int, multiple: int, requested: int | None) -> int:
-    """``length`` rounded up to ``multiple``, or the requested fixed length (pipeline shapes)."""
-    if requested is None:
-        return math.ceil(length / multiple) * multiple
-    if requested < length or requested % multiple:
-        raise ValueError(
-            f"sequence_length={requested} must be >= the batch's {length} positions and a "
-            f"multiple of {multiple}"
-        )
-    return requested
 
 
 class SpeechLLM(MegatronModule):
@@ -347,11 +322,13 @@ class SpeechLLM(MegatronModule):
 
     # -- subclasses --------------------------------------------------------------------------
 
-    def layout(self, batch: dict, sequence_length: int | None) -> Layout:
+    def layout(self, batch: dict, sequence_length: int | None, packed: bool = False) -> Layout:
+        """The micro-batch's sequence, planned on the host (``models/layout.py``)."""
         raise NotImplementedError
 
     def embed(self, batch: dict, layout: Layout) -> torch.Tensor:
-        """First stage: the LLM's input ``[S, b, h]`` (full sequence, before SP scatter)."""
+        """First stage: the LLM's input ``[S, r, h]`` (whole sequence, before CP's cut and SP's
+        scatter)."""
         raise NotImplementedError
 
     # Generation (one stage, no SP): prompts are left-aligned so every sample's next token
@@ -373,22 +350,23 @@ class SpeechLLM(MegatronModule):
         """Audio embeddings ``[n, t, h]``; their lengths ``[n]``, on the host (planned by the
         length formula, which the encoder's own are checked against); and a zero that keeps the
         audio path in the autograd graph when the micro-batch has no audio (every rank then
-        produces the same gradient buckets; DDP would wait forever for the missing ones)."""
+        produces the same gradient buckets; DDP would wait forever for the missing ones).
+        The TP and CP ranks of a sequence split the segments (``models/audio_split.py``)."""
         audio = batch.get("audio")
         if audio is None or not len(audio):
             emb, keep_in_graph = self._silence(self.cfg.encoder.features.sample_rate // 10)
             return emb[:0], torch.zeros(0, dtype=torch.long), keep_in_graph
         planned = embedding_lengths(self.cfg, on_host(batch)["audio_lengths"])
-        parallel = self.cfg.parallel
-        if not (parallel.split_audio_over_tp and parallel.tensor_model_parallel_size > 1):
+        share = audio_share(self.cfg.parallel.split_audio_over_tp)
+        if share.size == 1:
             return self._encode(batch, None, planned), planned, audio.new_zeros(())
-        mine = tp_share(len(audio))
+        mine = share.segments(len(audio))
         if len(mine):
             emb, keep_in_graph = self._encode(batch, mine, planned), audio.new_zeros(())
-        else:  # more TP ranks than segments: silence as wide as the audio, so that this rank's
-            emb, keep_in_graph = self._silence(audio.shape[1])  # frames match, and the gather
-            emb = emb[:0]
-        return gather_segments(emb, len(audio)), planned, keep_in_graph
+        else:  # more sharing ranks than segments: silence as wide as the audio, so that this
+            emb, keep_in_graph = self._silence(audio.shape[1])  # rank's frames match, and the
+            emb = emb[:0]  # gather
+        return gather_segments(emb, len(audio), share), planned, keep_in_graph
 
     def _encode(self, batch: dict, rows: torch.Tensor | None, planned: torch.Tensor):
         """Embeddings of the segments ``rows`` (host indices; all when None), with the CTC loss
@@ -441,43 +419,67 @@ class SpeechLLM(MegatronModule):
         batch: dict | None,
         sequence_length: int | None = None,
         *,
+        packed: bool = False,
         with_accuracy: bool = False,
     ) -> torch.Tensor:
-        """Last stage: masked per-position loss ``[b, S]`` (with ``with_accuracy``, stacked with
-        the masked 0/1 next-token hits: ``[2, b, S]``); other stages: hidden states.
+        """Last stage: masked per-position loss ``[r, S]`` (with ``with_accuracy``, stacked with
+        the masked 0/1 next-token hits: ``[2, r, S]``); other stages: hidden states. Rows are
+        the samples, or with ``packed`` one row of ``sequence_length`` positions holding them
+        all (``models/layout.py``). With context parallelism ``S`` is this rank's two chunks.
 
-        Stages holding neither the first nor the last layer read no data: they take ``batch=None``
-        and the shape from ``sequence_length`` (their input comes through ``set_input_tensor``).
+        Chunks holding neither the first nor the last layer need no samples: they take
+        ``batch=None`` (packed: a batch holding at least ``packed_lengths``, the samples'
+        positions in the row) and the shape from ``sequence_length`` (their input comes through
+        ``set_input_tensor``).
         """
+        if not (self.pre_process or self.post_process):
+            rows = self._packed_rows(batch, sequence_length) if packed else None
+            return self.llm(
+                input_ids=None, position_ids=None, attention_mask=None, packed_seq_params=rows
+            )
         if batch is None:
-            if self.pre_process or self.post_process:
-                raise ValueError("the first and last pipeline stages need the batch")
-            return self.llm(input_ids=None, position_ids=None, attention_mask=None)
+            raise ValueError("the first and last pipeline stages need the batch")
         check_batch(batch)
-        layout = self.layout(batch, sequence_length)
+        layout = self.layout(batch, sequence_length, packed)
         decoder_input = None
         if self.pre_process:
-            decoder_input = self.embed(batch, layout)
+            decoder_input = local_chunks(self.embed(batch, layout), dim=0)
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        labels, loss_mask = (local_chunks(x, dim=1) for x in (layout.labels, layout.loss_mask))
         output = self.llm(
             input_ids=None,
-            position_ids=layout.position_ids,
+            position_ids=None,  # RoPE: positions from the sequence (packed: from its bounds)
             attention_mask=None,
             decoder_input=decoder_input,
-            labels=layout.labels if self.post_process and not with_accuracy else None,
+            labels=labels if self.post_process and not with_accuracy else None,
+            packed_seq_params=layout.packed,
         )
         if not self.post_process:
             return output
         if not with_accuracy:
-            return output * layout.loss_mask
-        # Without labels Megatron returns the logits [b, S, v / tp]. Its loss is position-wise,
-        # and it takes labels [b, S] to lie as [S, b]: given them transposed, it reads the logits
+            return output * loss_mask
+        # Without labels Megatron returns the logits [r, S, v / tp]. Its loss is position-wise,
+        # and it takes labels [r, S] to lie as [S, r]: given them transposed, it reads the logits
         # in their own order, so the only copy of them is the fp32 one inside the loss.
-        labels = layout.labels
         loss = self.llm.compute_language_model_loss(labels.transpose(0, 1), output).transpose(0, 1)
         hits = vocab_parallel_hits(output, labels)
-        return torch.stack([loss * layout.loss_mask, hits.float() * layout.loss_mask])
+        return torch.stack([loss * loss_mask, hits.float() * loss_mask])
+
+    def _packed_rows(self, batch: dict | None, sequence_length: int | None):
+        """The packed row's sequence bounds on a chunk that reads no samples."""
+        host = on_host(batch) if batch is not None else {}
+        if "packed_lengths" in host:
+            return packed_rows(host["packed_lengths"].tolist(), sequence_length, self._device())
+        if "input_ids" in host:
+            return self.layout(batch, sequence_length, True).packed
+        raise ValueError(
+            "a packed micro-batch needs packed_lengths (each sample's positions in the row) on "
+            "every pipeline stage"
+        )
+
+    def _device(self) -> torch.device:
+        return next(self.llm.parameters()).device
 
     def text_embeddings(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings ``[s, b, h]`` from the LLM's (vocab-parallel) embedding."""

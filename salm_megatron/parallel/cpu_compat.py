@@ -1,9 +1,10 @@
 """Run Megatron-Core on machines without CUDA (laptops, CI) over the gloo backend.
 
 Megatron-Core assumes a GPU in a handful of places: it calls ``torch.cuda.current_device()`` and
-``torch.cuda.synchronize()``, makes tensors with ``device="cuda"`` in the schedules, DDP buffers,
-optimizers and grad clipping, asserts ``Tensor.type()`` strings such as ``'torch.cuda.FloatTensor'``
-in the optimizers, and forks (and, for activation recompute, saves and restores) the CUDA RNG.
+``torch.cuda.synchronize()``, makes tensors with ``device="cuda"`` (or in pinned memory) in the
+schedules, DDP buffers, optimizers, grad clipping and context-parallel RoPE, asserts
+``Tensor.type()`` strings such as ``'torch.cuda.FloatTensor'`` in the optimizers, and forks (and,
+for activation recompute, saves and restores) the CUDA RNG.
 :func:`apply` routes each of those to the CPU. :func:`salm_megatron.parallel.initialize` calls
 it; it does nothing when CUDA is available, so GPU runs see an untouched Megatron-Core.
 
@@ -37,6 +38,7 @@ _MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.transformer.utils",
     "megatron.core.rerun_state_machine",
     "megatron.core.utils",
+    "megatron.core.models.common.embeddings.rope_utils",  # CP's RoPE chunks, in pinned memory
 )
 
 # (module, attribute) of Megatron functions that assert CUDA tensor type strings.
@@ -72,7 +74,8 @@ def _host(device):
 
 def _on_host(factory):
     @functools.wraps(factory)
-    def make(*args, device=None, **kwargs):
+    def make(*args, device=None, pin_memory=False, **kwargs):
+        # Pinned memory (staging for an asynchronous copy to the GPU) needs an accelerator.
         return factory(*args, device=_host(device), **kwargs)
 
     return make

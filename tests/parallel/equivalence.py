@@ -31,6 +31,7 @@ def layout_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--vpp", type=int, default=None)
     ap.add_argument("--sp", action="store_true")
+    ap.add_argument("--cp", type=int, default=1)
     return ap
 
 
@@ -40,6 +41,7 @@ def parallel_config(args) -> ParallelConfig:
         pipeline_model_parallel_size=args.pp,
         virtual_pipeline_model_parallel_size=args.vpp,
         sequence_parallel=args.sp,
+        context_parallel_size=args.cp,
     )
 
 
@@ -93,16 +95,25 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) 
 
 
 def grad_errors(chunks, reference_grads) -> dict[str, float]:
-    """Relative error of every local gradient, against at least 1% of the whole local reference
-    gradient: with TOL that is rtol 1e-5 plus an atol of 1e-7 of the total, like
-    ``torch.testing.assert_close``. Gradients that are zero up to rounding (an attention key
-    bias, which softmax cancels; a conv bias before BatchNorm) are then not failed for noise."""
+    """:func:`compare_grads` of every chunk's trainable parameters' ``main_grad``."""
+    actual = [
+        {name: p.main_grad for name, p in chunk.named_parameters() if p.requires_grad}
+        for chunk in chunks
+    ]
+    return compare_grads(actual, reference_grads)
+
+
+def compare_grads(actual: list[dict], reference: list[dict]) -> dict[str, float]:
+    """Relative error of every gradient (per chunk: name -> tensor), against at least 1% of the
+    whole chunk's reference gradient: with TOL that is rtol 1e-5 plus an atol of 1e-7 of the
+    total, like ``torch.testing.assert_close``. Gradients that are zero up to rounding (an
+    attention key bias, which softmax cancels; a conv bias before BatchNorm) are then not failed
+    for noise."""
     errors = {}
-    for i, (chunk, ref) in enumerate(zip(chunks, reference_grads, strict=True)):
-        params = [(name, p) for name, p in chunk.named_parameters() if p.requires_grad]
-        scale = torch.stack([ref[name].float().norm() for name, _ in params]).norm()
-        for name, p in params:
-            errors[f"chunk{i}.{name}"] = rel_err(p.main_grad, ref[name], floor=1e-2 * scale)
+    for i, (grads, ref) in enumerate(zip(actual, reference, strict=True)):
+        scale = torch.stack([ref[name].float().norm() for name in grads]).norm()
+        for name, grad in grads.items():
+            errors[f"chunk{i}.{name}"] = rel_err(grad, ref[name], floor=1e-2 * scale)
     return errors
 
 
@@ -115,18 +126,22 @@ def read_results(workdir: Path, name: str) -> list[dict]:
     return [json.loads(Path(f).read_text()) for f in files]
 
 
-def check_results(results: list[dict], nprocs: int, parts: tuple[str, ...]) -> None:
-    """Every rank reported; losses and gradients within TOL; every part's gradient compared."""
+def check_results(
+    results: list[dict], nprocs: int, parts: tuple[str, ...], prefix: str = ""
+) -> None:
+    """Every rank reported; losses, logits and gradients within TOL; every part's gradient
+    compared. ``prefix`` picks one pass of the results (``packed_``: the packed pass)."""
     assert len(results) == nprocs, f"{len(results)} of {nprocs} ranks reported"
-    with_loss = [r for r in results if "loss" in r]
-    assert with_loss, "no rank reported a loss"
+    with_loss = [r for r in results if f"{prefix}loss" in r]
+    assert with_loss, f"no rank reported a {prefix}loss"
     for r in results:
-        for key in ("logits", "loss"):
+        for key in (f"{prefix}logits", f"{prefix}loss"):
             if key in r:
                 assert r[key] < TOL, f"rank {r['rank']}: {key} rel. error {r[key]:.2e}"
-        assert r["grads"], f"rank {r['rank']} compared no gradients"
-        for name, err in r["grads"].items():
-            assert err < TOL, f"rank {r['rank']}: gradient of {name} rel. error {err:.2e}"
-    compared = [name for r in results for name in r["grads"]]
+        grads = r[f"{prefix}grads"]
+        assert grads, f"rank {r['rank']} compared no {prefix}gradients"
+        for name, err in grads.items():
+            assert err < TOL, f"rank {r['rank']}: {prefix}gradient of {name} rel. error {err:.2e}"
+    compared = [name for r in results for name in r[f"{prefix}grads"]]
     for part in parts:
         assert any(part in name for name in compared), f"no gradient of {part} was compared"

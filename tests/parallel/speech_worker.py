@@ -1,9 +1,14 @@
-"""Worker for test_speech_parallel.py: SALM/BESTOW loss and gradients at one layout vs TP=PP=1
-(with the auxiliary CTC loss on the encoder).
+"""Worker for test_speech_parallel.py: SALM/BESTOW loss, logits and gradients at one layout vs
+TP=PP=1 (with the auxiliary CTC loss on the encoder), padded and packed.
 
-The global batch has audio of different lengths, a sample with two segments and a text-only
-sample, in two micro-batches. Everything else works as in ``llm_worker.py``.
+The global batch has audio of very different lengths (one long), samples with two segments and
+a text-only sample: two padded micro-batches of three samples, or two packed rows of three
+samples each. Each layout runs the padded pass, then (without context parallelism) the packed
+pass, and compares both with the reference's padded pass. The reference also runs the packed pass
+at TP=PP=1 and reports it as layout ``tp1``. Everything else works as in ``llm_worker.py``.
 """
+
+import math
 
 import torch
 from megatron.core import parallel_state
@@ -11,25 +16,106 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from salm_megatron import parallel
 from salm_megatron.config import apply_overrides
-from salm_megatron.data import collate
+from salm_megatron.data import SpeechSample, collate
+from salm_megatron.llm import local_chunks
 from salm_megatron.models import build_speech_llm
+from salm_megatron.models.speech_llm import loss_tokens
 from salm_megatron.training.optimizer import wrap_ddp
 from tests.parallel import equivalence as eq
-from tests.speech_fixtures import speech_samples, tiny_config, wake_zero_outputs
+from tests.speech_fixtures import prompt, speech_samples, tiny_config, waveform, wake_zero_outputs
 
-MICRO_BATCH = 2
+MICRO_BATCH = 3
+ROWS = [[0, 1, 5], [2, 3, 4]]  # packed rows: the long audio, a text-only and a short sample
 
 
-def forward_step(data_iterator, model, *, sequence_length):
+def samples(arch: str) -> list[SpeechSample]:
+    """speech_samples, a long-audio sample (its frames span several context-parallel chunks) and
+    a short one."""
+    extra = []
+    for i, (seconds, answer) in enumerate([(2.4, [30, 31, 32, 2]), (0.3, [33, 2])]):
+        ids = prompt([5, 9], arch, 1)
+        extra.append(SpeechSample(
+            ids + answer, [0] * len(ids) + [1] * len(answer), [waveform(seconds, seed=90 + i)],
+            transcripts=[[46, 47, 48]],
+        ))  # fmt: skip
+    return speech_samples(arch) + extra
+
+
+def forward_step(data_iterator, model, *, sequence_length, packed):
     mb = next(data_iterator)
-    output = model(mb, sequence_length=sequence_length)
+    output = model(mb, sequence_length=sequence_length, packed=packed)
 
     def loss_func(output):
         loss_sum = output.float().sum()
-        tokens = mb["answer_mask"].sum().to(torch.int)
+        tokens = loss_tokens(mb)
         return loss_sum, tokens, {"loss_sum": loss_sum.detach()}
 
     return output, loss_func
+
+
+class Logits:
+    """The output layer's logits of each micro-batch on this rank, ``[S, b, v / tp]``."""
+
+    def __init__(self, chunks):
+        self.captured = []
+        for chunk in chunks:
+            if chunk.post_process:
+                chunk.llm.output_layer.register_forward_hook(
+                    lambda module, args, out: self.captured.append(out[0].detach().clone())
+                )
+
+    def error(self, reference: list[torch.Tensor]) -> float | None:
+        """Relative error against the reference's logits at the positions and vocabulary slice
+        this rank holds (positions past the reference's padded length hold padding only)."""
+        if not self.captured:
+            return None
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        actual, expected = [], []
+        for mine, ref in zip(self.captured, reference, strict=True):
+            width = mine.shape[-1]
+            positions = local_chunks(torch.arange(mine.shape[0] * self._cp()), dim=0)
+            keep = positions < ref.shape[0]
+            actual.append(mine[keep])
+            expected.append(ref[positions[keep]][..., rank * width : (rank + 1) * width])
+        return eq.rel_err(torch.cat(actual), torch.cat(expected))
+
+    @staticmethod
+    def _cp() -> int:
+        return parallel_state.get_context_parallel_world_size()
+
+
+def run_pass(model, chunks, microbatches, length, packed) -> torch.Tensor | None:
+    """One forward/backward of the global batch; the loss on the last stage (else None)."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    losses = get_forward_backward_func()(
+        forward_step_func=lambda it, m: forward_step(
+            it, m, sequence_length=length, packed=packed
+        ),
+        data_iterator=[iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches),
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=len(microbatches),
+        seq_length=length,
+        micro_batch_size=len(microbatches[0]["input_ids"]) if not packed else 1,
+    )
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    loss_sum = torch.stack([x["loss_sum"] for x in losses]).sum()
+    torch.distributed.all_reduce(loss_sum, group=parallel_state.get_context_parallel_group())
+    tokens = sum(int(mb["answer_mask"].sum()) for mb in microbatches)
+    return loss_sum / tokens
+
+
+def packed_rows(chunk, batch_samples):
+    """The packed micro-batches (one row each, with each sample's positions) and their length."""
+    rows = []
+    for row in ROWS:
+        mb = collate([batch_samples[i] for i in row])
+        mb["packed_lengths"] = chunk.layout(mb, None).lengths
+        rows.append(mb)
+    longest = max(int(mb["packed_lengths"].sum()) for mb in rows)
+    multiple = chunk.pad_multiple
+    return rows, math.ceil((longest + 3) / multiple) * multiple  # every row ends in padding
 
 
 def main():
@@ -50,39 +136,50 @@ def main():
     else:
         reference_grads = eq.load_reference(chunks, args.workdir)
     model = wrap_ddp(cfg, chunks)
+    logits = Logits(chunks)
 
-    samples = speech_samples(args.arch)
+    batch_samples = samples(args.arch)
     microbatches = [
-        collate(samples[i : i + MICRO_BATCH]) for i in range(0, len(samples), MICRO_BATCH)
+        collate(batch_samples[i : i + MICRO_BATCH])
+        for i in range(0, len(batch_samples), MICRO_BATCH)
     ]
-    # Pipelines pass one shape: the longest micro-batch (layouts are already padded for SP).
+    # Pipelines pass one shape: the longest micro-batch (layouts are already padded for SP/CP).
     length = max(chunks[0].layout(mb, None).length for mb in microbatches)
-
-    losses = get_forward_backward_func()(
-        forward_step_func=lambda it, m: forward_step(it, m, sequence_length=length),
-        data_iterator=[iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches),
-        model=model if len(model) > 1 else model[0],
-        num_microbatches=len(microbatches),
-        seq_length=length,
-        micro_batch_size=MICRO_BATCH,
-    )
-    tokens = sum(int(mb["answer_mask"].sum()) for mb in microbatches)
-    loss = None
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        loss = torch.stack([x["loss_sum"] for x in losses]).sum() / tokens
+    rows, row_length = packed_rows(chunks[0], batch_samples)
+    rank = torch.distributed.get_rank()
 
     if args.reference:
-        eq.save_grads(chunks, args.workdir)
-        torch.save({"loss": loss}, args.workdir / "reference.pt")
-    else:
-        reference = torch.load(args.workdir / "reference.pt")
+        packed_loss = run_pass(model, chunks, rows, row_length, packed=True)
+        packed_grads = {n: p.main_grad.clone() for n, p in model[0].module.named_parameters()
+                        if p.requires_grad}  # fmt: skip
+        loss = run_pass(model, chunks, microbatches, length, packed=False)
+        grads = {n: p.main_grad.clone() for n, p in model[0].module.named_parameters()
+                 if p.requires_grad}  # fmt: skip
         result = {
-            "rank": torch.distributed.get_rank(),
-            "grads": eq.grad_errors(chunks, reference_grads),
+            "rank": rank,
+            "packed_loss": eq.rel_err(packed_loss, loss),
+            "packed_grads": eq.compare_grads([packed_grads], [grads]),
         }
-        if loss is not None:
-            result["loss"] = eq.rel_err(loss, reference["loss"])
-        eq.write_result(args.workdir, args.name, result["rank"], result)
+        eq.write_result(args.workdir, "tp1", rank, result)
+        torch.save({"loss": loss, "logits": logits.captured[-len(microbatches):]},
+                   args.workdir / "reference.pt")  # fmt: skip
+        eq.save_grads(chunks, args.workdir)
+        parallel.teardown()
+        return
+
+    reference = torch.load(args.workdir / "reference.pt")
+    loss = run_pass(model, chunks, microbatches, length, packed=False)
+    result = {"rank": rank, "grads": eq.grad_errors(chunks, reference_grads)}
+    if loss is not None:
+        result["loss"] = eq.rel_err(loss, reference["loss"])
+    if (error := logits.error(reference["logits"])) is not None:
+        result["logits"] = error
+    if args.cp == 1:
+        packed_loss = run_pass(model, chunks, rows, row_length, packed=True)
+        result["packed_grads"] = eq.grad_errors(chunks, reference_grads)
+        if packed_loss is not None:
+            result["packed_loss"] = eq.rel_err(packed_loss, reference["loss"])
+    eq.write_result(args.workdir, args.name, rank, result)
     parallel.teardown()
 
 

@@ -38,17 +38,41 @@ def test_splice_layout_places_each_segment_at_its_placeholder():
     ids = torch.tensor([[1, AUDIO_TOKEN, 5, AUDIO_TOKEN, 6, 7], [1, 8, AUDIO_TOKEN, 9, 0, 0]])
     answer = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 0, 0]])
     layout = splice_layout(ids, answer, torch.tensor([2, 3, 1]), AUDIO_TOKEN, multiple=4)
-    # sample 0: 1 | a0 a0 | 5 | a1 a1 a1 | 6 7 -> 10 positions; sample 1: 1 8 | a2 | 9 0 0 -> 6
-    assert layout.length == 12
-    assert layout.text_position[0].tolist() == [0, -1, -1, 2, -1, -1, -1, 4, 5, -1, -1, -1]
-    assert layout.audio_segment[0].tolist() == [-1, 0, 0, -1, 1, 1, 1, -1, -1, -1, -1, -1]
-    assert layout.audio_frame[0, 4:7].tolist() == [0, 1, 2]
-    assert layout.audio_segment[1, 2] == 2 and layout.text_position[1, 3] == 3
+    # sample 0: 1 | a0 a0 | 5 | a1 a1 a1 | 6 7 -> 9 positions; sample 1: 1 8 | a2 | 9 0 0 -> 6
+    # The table: 12 tokens (sample-major), the segments' 2 + 3 + 1 frames, a zero row (18).
+    assert layout.length == 12 and layout.lengths.tolist() == [9, 6]
+    assert layout.source[0].tolist() == [0, 12, 13, 2, 14, 15, 16, 4, 5, 18, 18, 18]
+    assert layout.source[1].tolist() == [6, 7, 17, 9, 10, 11, 18, 18, 18, 18, 18, 18]
     # The loss falls on the positions just before each answer token.
     assert layout.loss_mask[0].nonzero().flatten().tolist() == [6, 7]
     assert layout.labels[0, 6:8].tolist() == [6, 7]
     assert layout.loss_mask[1].nonzero().flatten().tolist() == [2]  # the audio frame predicts 9
     assert layout.labels[1, 2] == 9
+    assert layout.packed is None
+
+
+def test_packed_splice_layout_puts_the_samples_back_to_back():
+    ids = torch.tensor([[1, AUDIO_TOKEN, 5, AUDIO_TOKEN, 6, 7], [1, 8, AUDIO_TOKEN, 9, 0, 0]])
+    answer = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 0, 0]])
+    lengths = torch.tensor([6, 4])
+    segments = torch.tensor([2, 3, 1])
+    padded = splice_layout(ids, answer, segments, AUDIO_TOKEN, 4, None, lengths)
+    packed = splice_layout(ids, answer, segments, AUDIO_TOKEN, 4, 20, lengths, packed=True)
+    assert packed.length == 20 and packed.source.shape == (1, 20)
+    for name in ("source", "labels", "loss_mask"):
+        rows = getattr(padded, name)
+        expected = torch.cat([rows[0, :9], rows[1, :4], getattr(packed, name)[0, 13:]])
+        assert getattr(packed, name)[0].tolist() == expected.tolist(), name
+    # Sample 0's last position predicts nothing (not sample 1's first token).
+    assert packed.labels[0, 8] == 0 and packed.loss_mask[0, 8] == 0
+    assert packed.loss_mask[0].nonzero().flatten().tolist() == [6, 7, 11]
+    assert packed.packed.seqlens == (9, 4, 7)  # the tail is a sequence of its own
+    assert packed.packed.cu_seqlens_q.tolist() == [0, 9, 13, 20]
+    assert packed.packed.max_seqlen_q == 9
+    with pytest.raises(ValueError, match="holds 13 positions .* sequence_length=12"):
+        splice_layout(ids, answer, segments, AUDIO_TOKEN, 4, 12, lengths, packed=True)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        splice_layout(ids, answer, segments, AUDIO_TOKEN, 4, 18, lengths, packed=True)
 
 
 def test_splice_layout_leaves_text_padding_out():
@@ -59,7 +83,8 @@ def test_splice_layout_leaves_text_padding_out():
     lengths = torch.tensor([6, 3])
     layout = splice_layout(ids, answer, torch.tensor([1, 5]), AUDIO_TOKEN, 1, None, lengths)
     assert layout.length == 7  # sample 1: 1 | a a a a a | 9; padded rows would make it 10
-    assert layout.text_position[1].tolist() == [0, -1, -1, -1, -1, -1, 2]
+    # 12 tokens, then the segments' 1 + 5 frames from row 12, the zero row at 18
+    assert layout.source[1].tolist() == [6, 13, 14, 15, 16, 17, 8]
     assert layout.loss_mask[1].nonzero().flatten().tolist() == [5]
     padded = splice_layout(ids, answer, torch.tensor([1, 5]), AUDIO_TOKEN, 1)
     assert padded.length == 10
