@@ -1118,6 +1118,12 @@ class Config:
             "set train.num_microbatches instead",
         )
         _require(
+            not self.data.packing or self.train.global_batch_size is None,
+            f"train.global_batch_size={self.train.global_batch_size} counts samples, but "
+            "data.packing=true makes micro-batches of varying sample counts; set "
+            "train.num_microbatches instead",
+        )
+        _require(
             self.data.max_tokens is None or self.parallel.pipeline_model_parallel_size == 1,
             f"data.max_tokens={self.data.max_tokens} makes micro-batches of varying size, but "
             "pipeline stages exchange one activation shape; with "

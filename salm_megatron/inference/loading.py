@@ -51,7 +51,7 @@ def saved_config(path: Path) -> Config:
 
 
 def generation_config(cfg: Config, tensor_parallel: int, overrides: list[str]) -> Config:
-    """``cfg`` laid out for decoding: TP=``tensor_parallel``, PP=1, no SP, local spec."""
+    """``cfg`` laid out for decoding: TP=``tensor_parallel``, PP=1, no SP or CP, local spec."""
     cfg = apply_overrides(cfg, overrides)
     parallel = dataclasses.replace(
         cfg.parallel,
@@ -59,9 +59,11 @@ def generation_config(cfg: Config, tensor_parallel: int, overrides: list[str]) -
         pipeline_model_parallel_size=1,
         virtual_pipeline_model_parallel_size=None,
         sequence_parallel=False,
+        context_parallel_size=1,
     )
+    data = dataclasses.replace(cfg.data, packing=False)  # one prompt per row
     llm = dataclasses.replace(cfg.llm, transformer_impl="local", fp8=None, recompute="none")
-    return dataclasses.replace(cfg, parallel=parallel, llm=llm)
+    return dataclasses.replace(cfg, parallel=parallel, llm=llm, data=data)
 
 
 # The dtype a model decodes in, by (train.precision, CUDA available): what it trained in on a GPU

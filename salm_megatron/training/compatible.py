@@ -34,9 +34,10 @@ MODEL_SECTIONS = ("model", "llm", "encoder", "adapter", "bestow", "lora")
 
 # The config fields that decide which samples the training steps read, in what order and which
 # micro-batches: a resume with one of them changed replays another order (samples read twice,
-# others never). data.micro_batch_size counts only without data.max_tokens.
+# others never). data.micro_batch_size counts only without data.max_tokens and data.packing.
 DATA_FIELDS = (
-    "seed", "data.prompt_format", "data.micro_batch_size", "data.max_tokens",
+    "seed", "data.prompt_format", "data.micro_batch_size", "data.max_tokens", "data.packing",
+    "data.pack_tokens",
     "data.bucket_window", "data.shuffle_buffer", "data.num_workers", "data.min_duration",
     "data.max_duration", "data.default_task", "data.default_context",
     "encoder.features.sample_rate",
@@ -101,8 +102,10 @@ def data_settings(cfg, tokenizer: Tokenizer, streams) -> dict[str, Any] | None:
     if not streams:
         return None
     settings = {name: reduce(getattr, name.split("."), cfg) for name in DATA_FIELDS}
-    if cfg.data.max_tokens is not None:
+    if cfg.data.max_tokens is not None or cfg.data.packing:
         del settings["data.micro_batch_size"]
+    if not cfg.data.packing:
+        del settings["data.pack_tokens"]
     shards = [stream.shard_sizes for stream in streams]
     settings["data.train_shards"] = shards[0] if len(shards) == 1 else shards
     if len(shards) > 1:  # a mix: its weights decide which dataset each sample comes from

@@ -1,9 +1,13 @@
 """Each step's micro-batches for this rank: read on the first and last pipeline stages only.
 
-Every rank of one data-parallel rank's model (its TP ranks, first and last PP stages) reads the
-same samples, so nothing is broadcast. Stages in between read nothing; the step's shape (sequence
-length, micro-batches and their size) reaches them through a max-all-reduce over the pipeline
-group.
+Every rank of one data-parallel rank's model (its TP and CP ranks, first and last PP stages)
+reads the same samples, so nothing is broadcast. Stages in between read nothing; the step's shape
+(sequence length, micro-batches and their size) reaches them through a max-all-reduce over the
+pipeline group, and with packing so do the lengths of the samples in each packed row (their
+attention needs the sequences' bounds).
+
+Micro-batches are length buckets (``data/batching.py``), or with ``data.packing`` packed rows of
+``data.pack_tokens`` positions (``data/packing.py``): one row per micro-batch, one shape always.
 
 Training reads ``data.train_shards`` (one dataset, or a weighted mix of several) without end;
 validation makes one pass over ``data.valid_shards``: each sample once, nothing dropped, and a
@@ -21,7 +25,7 @@ import torch
 from megatron.core import parallel_state
 
 from ..config import Config, ConfigError
-from ..data import batching, collate, loader
+from ..data import batching, collate, loader, packing
 from ..data.batching import (
     BucketBatcher,
     GlobalBatches,
@@ -30,11 +34,13 @@ from ..data.batching import (
     token_cost,
 )
 from ..data.loader import LoadedStream, SampleStream
+from ..data.packing import PackBatcher
 from ..data.samples import Mapped, make_sample
 from ..data.tokenizers import Tokenizer, load_tokenizer
 from ..parallel import maxima_over_ranks
 
-SKIP_REASONS = (*loader.SKIP_REASONS, *batching.SKIP_REASONS)  # what `skipped` counts
+# what `skipped` counts
+SKIP_REASONS = (*loader.SKIP_REASONS, *batching.SKIP_REASONS, *packing.SKIP_REASONS)
 
 
 @functools.cache
@@ -144,24 +150,41 @@ class StepBatches:
                 if len(sources) == 1
                 else WeightedMix(sources, [w for _, w in datasets], seed=cfg.seed)
             )
-            size = (
-                {"max_tokens": data.max_tokens}
-                if data.max_tokens is not None
-                else {"batch_size": data.micro_batch_size}
-            )
-            self.batcher = BucketBatcher(
-                source,
-                token_cost(cfg),
-                window=data.bucket_window if train else data.micro_batch_size,
-                seed=cfg.seed,
-                **size,
-            )
-            multiple = math.lcm(pad_multiple, data.step_length_multiple(torch.cuda.is_available()))
+            if data.packing:
+                self.batcher = self._packer(source, pad_multiple)
+                # One row of pack_tokens per micro-batch: the step's length is always that.
+                length, multiple = (lambda sample: data.pack_tokens), 1
+            else:
+                self.batcher = BucketBatcher(
+                    source, token_cost(cfg),
+                    window=data.bucket_window if train else data.micro_batch_size, seed=cfg.seed,
+                    **({"max_tokens": data.max_tokens} if data.max_tokens is not None
+                       else {"batch_size": data.micro_batch_size}),
+                )  # fmt: skip
+                length = self.length
+                multiple = math.lcm(
+                    pad_multiple, data.step_length_multiple(torch.cuda.is_available())
+                )
             self.groups = GlobalBatches(
-                self.batcher, cfg.train.num_microbatches, self.length, multiple=multiple,
-                drop_last=train, one_size=not train and self.pipeline > 1,
+                self.batcher, cfg.train.num_microbatches, length, multiple=multiple,
+                drop_last=train, one_size=not train and self.pipeline > 1 and not data.packing,
             )  # fmt: skip
         self._iterator: Iterator | None = None
+
+    def _packer(self, source, pad_multiple: int) -> PackBatcher:
+        """Rows of ``data.pack_tokens`` positions, which must cut into whole rows for each rank
+        (SP, CP) and FP8 (``pad_multiple``)."""
+        data = self.cfg.data
+        if data.pack_tokens % pad_multiple:
+            raise ConfigError(
+                f"data.pack_tokens={data.pack_tokens} is not a multiple of {pad_multiple}, what "
+                "this layout's sequences must be (sequence parallelism, context parallelism, FP8); "
+                f"use {-(-data.pack_tokens // pad_multiple) * pad_multiple}"
+            )
+        return PackBatcher(
+            source, self.length, pack_tokens=data.pack_tokens, window=data.bucket_window,
+            seed=self.cfg.seed,
+        )  # fmt: skip
 
     def _samples(self, tokenizer: Tokenizer, shards: str) -> Mapped:
         """Tokenized samples of one dataset, read by ``data.num_workers`` workers."""
@@ -201,23 +224,28 @@ class StepBatches:
 
     def _step(self, group: list[list], length: int) -> Step:
         sizes = sorted({len(microbatch) for microbatch in group})
-        if len(sizes) > 1 and self.pipeline > 1:
+        packed = self.cfg.data.packing
+        if len(sizes) > 1 and self.pipeline > 1 and not packed:
             raise ValueError(
                 f"a step's micro-batches hold {sizes} samples, but the "
                 f"{self.pipeline} pipeline stages exchange one shape: make data.bucket_window "
                 "a multiple of data.micro_batch_size and no longer than a data-parallel rank's "
                 "share of the data"
             )
+        microbatches = [collate(microbatch, self.pad_id) for microbatch in group]
+        if packed:  # each sample's positions in its row
+            for batch, row in zip(microbatches, group, strict=True):
+                batch["packed_lengths"] = torch.tensor([self.length(s) for s in row])
         samples = [s for microbatch in group for s in microbatch]
         return Step(
-            [collate(microbatch, self.pad_id) for microbatch in group],
+            microbatches,
             length,
             [s.key for s in samples],
             samples=len(samples),
             llm_tokens=sum(self.length(s) for s in samples),
             audio_seconds=sum(len(w) for s in samples for w in s.audio) / self.sample_rate,
             count=len(group),
-            micro_batch_size=sizes[-1],
+            micro_batch_size=1 if packed else sizes[-1],
         )
 
     def __next__(self) -> Step:
@@ -230,11 +258,28 @@ class StepBatches:
             if group is not None:
                 step = self._step(*group)
         if self.pipeline > 1:
+            group = parallel_state.get_pipeline_model_parallel_group()
             step.sequence_length, step.count, step.micro_batch_size = maxima_over_ranks(
-                [step.sequence_length, step.count, step.micro_batch_size],
-                parallel_state.get_pipeline_model_parallel_group(),
+                [step.sequence_length, step.count, step.micro_batch_size], group
             )
+            if self.cfg.data.packing and step.microbatches is None:
+                step.microbatches = self._row_bounds(None, step.count, group)
+            elif self.cfg.data.packing:
+                self._row_bounds(step.microbatches, step.count, group)
         return step
+
+    @staticmethod
+    def _row_bounds(microbatches: list[dict] | None, count: int, group) -> list[dict]:
+        """Each packed row's sample lengths, from the stages that read the rows to those that
+        do not (which need them for attention): a max-all-reduce of a zero-padded table."""
+        rows = [] if microbatches is None else [b["packed_lengths"].tolist() for b in microbatches]
+        (widest,) = maxima_over_ranks([max(map(len, rows), default=0)], group)
+        table = [row + [0] * (widest - len(row)) for row in rows] or [[0] * widest] * count
+        flat = maxima_over_ranks([n for row in table for n in row], group) if widest else []
+        return [
+            {"packed_lengths": torch.tensor([n for n in flat[i * widest : (i + 1) * widest] if n])}
+            for i in range(count)
+        ]
 
     def __iter__(self):
         return self

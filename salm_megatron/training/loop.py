@@ -34,7 +34,8 @@ from ..inference.generation import Generator
 from ..inference.metrics import metrics_json, task_metrics
 from ..models import build_speech_llm
 from ..models.local_copy import decoding_model
-from ..models.speech_llm import to_device
+from ..models.audio_split import audio_share
+from ..models.speech_llm import loss_tokens, to_device
 from . import checkpoint
 from .compatible import check_same_data, check_same_model, data_settings
 from .data import SKIP_REASONS, StepBatches, check_ctc_tokenizer, check_tokenizer
@@ -118,13 +119,16 @@ def check_training_config(cfg: Config) -> None:
             checkpoint.check_dist_checkpoint(path, f"checkpoint.{name}")
     layout = cfg.parallel
     if cfg.train.eval_wer_samples and (
-        layout.pipeline_model_parallel_size > 1 or layout.sequence_parallel
+        layout.pipeline_model_parallel_size > 1
+        or layout.sequence_parallel
+        or layout.context_parallel_size > 1
     ):
         raise ConfigError(
             f"train.eval_wer_samples={cfg.train.eval_wer_samples} decodes on one pipeline stage "
-            "without sequence parallelism, but parallel.pipeline_model_parallel_size="
+            "without sequence or context parallelism, but parallel.pipeline_model_parallel_size="
             f"{layout.pipeline_model_parallel_size}, parallel.sequence_parallel="
-            f"{layout.sequence_parallel}; set it to 0 and score checkpoints with `salm eval`"
+            f"{layout.sequence_parallel}, parallel.context_parallel_size="
+            f"{layout.context_parallel_size}; set it to 0 and score checkpoints with `salm eval`"
         )
 
 
@@ -161,14 +165,16 @@ def _to_device(batch: dict | None) -> dict | None:
     return to_device(batch, torch.device("cuda", torch.cuda.current_device()))
 
 
-def _forward_step(data_iterator, model, *, sequence_length: int, with_accuracy: bool):
+def _forward_step(
+    data_iterator, model, *, sequence_length: int, packed: bool, with_accuracy: bool
+):
     batch = _to_device(next(data_iterator))
-    output = model(batch, sequence_length, with_accuracy=with_accuracy)
+    output = model(batch, sequence_length, packed=packed, with_accuracy=with_accuracy)
 
     def loss_func(output):
         loss = output[0] if with_accuracy else output
         loss_sum = loss.float().sum()
-        tokens = batch["answer_mask"].sum().to(torch.int)
+        tokens = loss_tokens(batch)
         stats = {"loss_sum": loss_sum.detach(), "tokens": tokens.detach()}
         if with_accuracy:
             stats["hits"] = output[1].float().sum().detach()
@@ -299,8 +305,9 @@ class Trainer:
         ]
         losses = get_forward_backward_func()(
             forward_step_func=functools.partial(
-                _forward_step, sequence_length=step.sequence_length, with_accuracy=forward_only
-            ),
+                _forward_step, sequence_length=step.sequence_length,
+                packed=self.cfg.data.packing, with_accuracy=forward_only,
+            ),  # fmt: skip
             data_iterator=iterators if len(self.model) > 1 else iterators[0],
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=n,
@@ -310,29 +317,41 @@ class Trainer:
         )
         return losses, step
 
-    def _totals(self, losses: list[dict], step, skipped: dict[str, int] | None = None) -> list:
-        """Sums over the whole job of [loss, answer tokens, hits, samples, LLM tokens, audio
-        seconds, CTC loss, samples skipped by reason (a dict)]: each rank adds only what it owns
-        (one TP rank of the last stage the losses, of the first stage the data counts and the
-        CTC loss)."""
+    # What _totals sums over the job, in order: from the losses, then from the data.
+    TOTALS = ("loss_sum", "tokens", "hits", "samples", "llm_tokens", "positions",
+              "audio_seconds", "ctc_loss")  # fmt: skip
+
+    def _totals(self, losses: list[dict], step, skipped: dict[str, int] | None = None) -> dict:
+        """Sums over the whole job of :attr:`TOTALS` (answer tokens, LLM positions holding a
+        sample, LLM positions computed, ...) and of the samples skipped, by reason (a dict under
+        "skipped"): each rank adds only what it owns (one TP rank of the last stage the losses of
+        its CP chunks, with the answer tokens on CP rank 0; one TP and CP rank of the first stage
+        the data counts; each rank encoding its own segments their CTC loss)."""
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        values = torch.zeros(7 + len(SKIP_REASONS), dtype=torch.float64, device=device)
+        names = self.TOTALS
+        values = torch.zeros(len(names) + len(SKIP_REASONS), dtype=torch.float64, device=device)
         first_tp = parallel_state.get_tensor_model_parallel_rank() == 0
+        first_cp = parallel_state.get_context_parallel_rank() == 0
         if first_tp and parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
             # Summed on the device: the values are read once, after the all-reduce.
-            for i, key in enumerate(("loss_sum", "tokens", "hits")):
+            for i, key in enumerate(names[:3]):
                 if key in losses[0]:
                     values[i] = torch.stack([item[key] for item in losses]).double().sum()
-        if first_tp and parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+        first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        if first_tp and first_cp and first_stage:
             skipped = skipped or {}
-            counted = [step.samples, step.llm_tokens, step.audio_seconds, 0.0,
+            positions = step.count * step.micro_batch_size * step.sequence_length
+            counted = [step.samples, step.llm_tokens, positions, step.audio_seconds, 0.0,
                        *(skipped.get(reason, 0) for reason in SKIP_REASONS)]  # fmt: skip
             values[3:] = torch.tensor(counted, dtype=torch.float64).to(device, non_blocking=True)
-            values[6] = self.chunks[0].ctc_loss_sum  # a device value, or 0.0 without CTC
+        if first_stage and audio_share(self.cfg.parallel.split_audio_over_tp).counts_own_segments:
+            values[names.index("ctc_loss")] = self.chunks[0].ctc_loss_sum  # device value, or 0.0
         torch.distributed.all_reduce(values)
         values = values.tolist()
-        by_reason = {r: int(n) for r, n in zip(SKIP_REASONS, values[7:], strict=True) if n}
-        return [*values[:7], by_reason]
+        totals = dict(zip(names, values, strict=False))
+        skipped_values = values[len(names) :]
+        totals["skipped"] = {r: int(n) for r, n in zip(SKIP_REASONS, skipped_values) if n}
+        return totals
 
     def train_step(self) -> dict:
         start = time.time()
@@ -345,9 +364,8 @@ class Trainer:
         if applied:
             self.scheduler.step(increment=1)
         self.step += 1
-        loss, tokens, _, samples, llm_tokens, audio_s, ctc, skipped = self._totals(
-            losses, step, self.data.skipped
-        )
+        totals = self._totals(losses, step, self.data.skipped)
+        tokens, samples, skipped = totals["tokens"], totals["samples"], totals["skipped"]
         self.samples += int(samples)
         if not applied:
             self.skipped_steps += 1
@@ -355,12 +373,14 @@ class Trainer:
         self._log_keys(step.keys)
         return {
             "step": self.step,
-            "loss": loss / max(tokens, 1.0),
+            "loss": totals["loss_sum"] / max(tokens, 1.0),
             "applied": applied,
             "lr": current_lr(self.optimizer),
             "grad_norm": grad_norm,
-            "tokens_per_s": llm_tokens / elapsed,
-            "audio_s_per_s": audio_s / elapsed,
+            "tokens_per_s": totals["llm_tokens"] / elapsed,
+            # LLM positions holding a sample among those computed (the rest is padding)
+            "useful_token_fraction": totals["llm_tokens"] / max(totals["positions"], 1.0),
+            "audio_s_per_s": totals["audio_seconds"] / elapsed,
             "samples_per_s": samples / elapsed,
             "step_time": elapsed,
             "peak_memory_gb": peak_memory_gb(),
@@ -368,7 +388,8 @@ class Trainer:
             "skipped_samples": sum(skipped.values()),
             "skipped": skipped,  # samples the loader skipped, by reason (data/loader.py)
             "skipped_steps": self.skipped_steps,
-            **({"ctc_loss": ctc / max(samples, 1.0)} if self.cfg.model.ctc_weight else {}),
+            **({"ctc_loss": totals["ctc_loss"] / max(samples, 1.0)}
+               if self.cfg.model.ctc_weight else {}),  # fmt: skip
         }
 
     def _log_keys(self, keys: list[str]) -> None:
@@ -406,11 +427,11 @@ class Trainer:
         try:
             for _ in range(cfg.train.eval_iters):
                 losses, step = self._run_schedule(batches, forward_only=True)
-                batch_loss, batch_tokens, batch_hits, batch_samples, *_ = self._totals(losses, step)
-                if not batch_samples:  # every rank's pass has ended
+                totals = self._totals(losses, step)
+                if not totals["samples"]:  # every rank's pass has ended
                     break
-                loss, tokens, hits = loss + batch_loss, tokens + batch_tokens, hits + batch_hits
-                samples += batch_samples
+                loss, tokens = loss + totals["loss_sum"], tokens + totals["tokens"]
+                hits, samples = hits + totals["hits"], samples + totals["samples"]
             if not samples and self.rank0:
                 log.warning("validation at step %d: no sample (data.valid_shards)", self.step)
             decoded = self._decoded() if cfg.train.eval_wer_samples else {}

@@ -131,7 +131,8 @@ def whole_parameters(model: list[DistributedDataParallel]):
 @torch.no_grad()
 def average_batchnorm_statistics(cfg: Config, chunks: list[torch.nn.Module]) -> None:
     """Average BatchNorm running statistics (the encoder's) over the ranks that see different
-    audio: data-parallel ranks, and TP ranks when they split the segments.
+    audio: data-parallel ranks, CP ranks (which split the segments), and TP ranks when they
+    split them too.
 
     Megatron's DDP reduces gradients only; buffers would drift apart. Averaged after every step
     they stay equal, so every rank evaluates alike and a checkpoint (which stores one copy) holds
@@ -139,9 +140,9 @@ def average_batchnorm_statistics(cfg: Config, chunks: list[torch.nn.Module]) -> 
     averaging would round them anew every step.
     """
     if cfg.parallel.split_audio_over_tp and cfg.parallel.tensor_model_parallel_size > 1:
-        group = parallel_state.get_tensor_and_data_parallel_group()
+        group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
     else:
-        group = parallel_state.get_data_parallel_group()
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     size = torch.distributed.get_world_size(group)
     if size == 1:
         return

@@ -63,10 +63,11 @@ class Reporter:
         if record["skipped_steps"]:
             extra += f" | skipped steps {record['skipped_steps']}"
         log.info(
-            "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | %.1f audio s/s | "
-            "%.2f s/step | peak mem %.1f GiB%s | ETA %s",
+            "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s (%.0f%% useful) | "
+            "%.1f audio s/s | %.2f s/step | peak mem %.1f GiB%s | ETA %s",
             step, self.total, record["loss"], record["lr"], record["grad_norm"],
-            record["tokens_per_s"], record["audio_s_per_s"], record["step_time"],
+            record["tokens_per_s"], 100 * record["useful_token_fraction"],
+            record["audio_s_per_s"], record["step_time"],
             record["peak_memory_gb"], extra, duration(eta),
         )  # fmt: skip
 

@@ -3,7 +3,10 @@ dropped, then steps of no micro-batches), samples over data.max_tokens are skipp
 `skipped`, and a weighted mix of datasets in data.train_shards draws by weight and resumes
 exactly by keys (a resume with other weights is refused); bad mix entries are ConfigErrors
 naming the entry, and so are windows that would end in a smaller micro-batch under pipeline
-parallelism; step lengths round to data.length_multiple (128 on a GPU by default)."""
+parallelism; step lengths round to data.length_multiple (128 on a GPU by default); with
+data.packing each micro-batch is one row of data.pack_tokens positions holding whole samples and
+their lengths (over-long samples skipped and counted), its settings checked up front and on
+resume."""
 
 import pytest
 
@@ -14,7 +17,7 @@ from salm_megatron.config import (
     config_from_dict,
 )
 from salm_megatron.data import load_tokenizer
-from salm_megatron.data.batching import token_cost
+from salm_megatron.data.batching import llm_sequence_length, token_cost
 from salm_megatron.data.loader import SampleStream
 from salm_megatron.data.samples import make_sample
 from salm_megatron.training.compatible import check_same_data, data_settings
@@ -181,3 +184,58 @@ def test_step_lengths_round_to_the_length_multiple(single_rank, folder, tokenize
     assert plain.sequence_length % 4 == 0 and plain.sequence_length < 128  # the layout's only
     with pytest.raises(ConfigError, match="data.length_multiple=0"):
         _config(folder, tokenizer, "data.length_multiple=0")
+
+
+def test_packed_steps_hold_rows_of_pack_tokens(single_rank, folder, tokenizer):
+    probe = _config(folder, tokenizer)
+    samples = _valid_samples(probe, tokenizer)
+    length = llm_sequence_length(probe)
+    longest = max(length(s) for s in samples)
+    pack = 4 * longest  # several samples a row
+    cfg = _config(folder, tokenizer, "data.packing=true", f"data.pack_tokens={pack}")
+    batches = StepBatches(cfg, tokenizer, 4, train=False)
+    steps = [next(batches) for _ in range(4)]
+    by_key = {s.key: s for s in samples}
+    rows = 0
+    for step in steps:
+        assert not step.count or (step.sequence_length == pack and step.micro_batch_size == 1)
+        keys = iter(step.keys)
+        for mb in step.microbatches or []:  # each row's samples and their positions in it
+            held = [by_key[next(keys)] for _ in range(len(mb["input_ids"]))]
+            assert mb["packed_lengths"].tolist() == [length(s) for s in held]
+            assert int(mb["packed_lengths"].sum()) <= pack
+            rows += 1
+    assert 1 < rows < len(samples)  # whole samples, several to a row
+    keys = [k for s in steps for k in s.keys]
+    assert sorted(keys) == sorted(s.key for s in samples)  # one pass, each sample once
+    # Over pack_tokens: skipped and counted, never cut.
+    short = sorted(length(s) for s in samples)[len(samples) // 2]
+    cfg = _config(folder, tokenizer, "data.packing=true", f"data.pack_tokens={short}")
+    batches = StepBatches(cfg, tokenizer, 1, train=False)
+    kept = [k for _ in range(len(samples)) for k in next(batches).keys]
+    assert sorted(kept) == sorted(s.key for s in samples if length(s) <= short)
+    assert batches.skipped["over_pack_tokens"] == len(samples) - len(kept)
+
+
+def test_packing_settings_are_checked(single_rank, folder, tokenizer):
+    cfg = _config(folder, tokenizer, "data.packing=true", "data.pack_tokens=30")
+    with pytest.raises(ConfigError, match="data.pack_tokens=30 is not a multiple of 4.* use 32"):
+        StepBatches(cfg, tokenizer, 4, train=True)
+    with pytest.raises(ConfigError, match="data.packing=true needs data.pack_tokens"):
+        _config(folder, tokenizer, "data.packing=true")
+    with pytest.raises(ConfigError, match="data.max_tokens=64 does not apply"):
+        _config(folder, tokenizer, "data.packing=true", "data.pack_tokens=64",
+                "data.max_tokens=64")  # fmt: skip
+    with pytest.raises(ConfigError, match="context_parallel_size=2: packed rows cannot"):
+        _config(folder, tokenizer, "data.packing=true", "data.pack_tokens=64",
+                "parallel.context_parallel_size=2")  # fmt: skip
+    with pytest.raises(ConfigError, match="train.global_batch_size=8 counts samples"):
+        _config(folder, tokenizer, "data.packing=true", "data.pack_tokens=64",
+                "train.global_batch_size=8")  # fmt: skip
+    # A resume reading the rows otherwise is refused, naming the field.
+    other = _config(folder, tokenizer, "data.packing=true", "data.pack_tokens=96")
+    settings = [data_settings(c, tokenizer, StepBatches(c, tokenizer, 1, train=True).streams)
+                for c in (_config(folder, tokenizer, "data.packing=true", "data.pack_tokens=64"),
+                          other)]  # fmt: skip
+    with pytest.raises(ConfigError, match="data.pack_tokens: checkpoint 64, this run 96"):
+        check_same_data("ckpt", *settings)
