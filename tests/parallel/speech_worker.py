@@ -88,6 +88,12 @@ def run_pass(model, chunks, microbatches, length, packed) -> torch.Tensor | None
     """One forward/backward of the global batch; the loss on the last stage (else None)."""
     for chunk in model:
         chunk.zero_grad_buffer()
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    if not (first or parallel_state.is_pipeline_last_stage(ignore_virtual=True)):
+        # As in training, stages between read no samples: packed, only each row's bounds.
+        microbatches = [
+            {"packed_lengths": mb["packed_lengths"]} if packed else None for mb in microbatches
+        ]
     losses = get_forward_backward_func()(
         forward_step_func=lambda it, m: forward_step(
             it, m, sequence_length=length, packed=packed
@@ -96,7 +102,7 @@ def run_pass(model, chunks, microbatches, length, packed) -> torch.Tensor | None
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(microbatches),
         seq_length=length,
-        micro_batch_size=len(microbatches[0]["input_ids"]) if not packed else 1,
+        micro_batch_size=1 if packed else MICRO_BATCH,
     )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None

@@ -1,5 +1,6 @@
-"""Proves SALM/BESTOW layouts, masks, the no-audio path, freezing, checkpoint coverage, learning,
-the audio path kept fp32 in a bf16 model, and a CTC head with its own vocabulary."""
+"""Proves SALM/BESTOW layouts (padded and packed), masks, that a sample's logits do not depend on
+what shares its packed row, the no-audio path, freezing, checkpoint coverage, learning, the audio
+path kept fp32 in a bf16 model, and a CTC head with its own vocabulary."""
 
 import pytest
 import torch
@@ -138,6 +139,33 @@ def test_masks_keep_the_loss_where_it_belongs(single_rank, arch):
     changed = _position_losses(model, other)
     assert not torch.allclose(changed[0], base[0])
     torch.testing.assert_close(changed[3], base[3])  # the text-only sample is untouched
+
+
+def _logits(model, samples, length=None, packed=False) -> torch.Tensor:
+    """The output layer's logits ``[S, r, v]`` of one micro-batch."""
+    captured = []
+    hook = model.llm.output_layer.register_forward_hook(lambda m, a, out: captured.append(out[0]))
+    with torch.no_grad():
+        model(collate(samples), length, packed=packed)
+    hook.remove()
+    return captured[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_samples_logits_do_not_depend_on_its_row(single_rank, arch):
+    """Packed alone, packed after other samples (multi-segment, text-only), or padded in a batch:
+    the same logits at the sample's own positions (positions restart, attention stays inside)."""
+    model = _model(arch)
+    *others, sample = [speech_samples(arch)[i] for i in (0, 1, 3, 2)]
+    lengths = model.layout(collate([*others, sample]), None).lengths.tolist()
+    length = sum(lengths) + 4
+    alone = _logits(model, [sample], length, packed=True)
+    shared = _logits(model, [*others, sample], length, packed=True)
+    padded = _logits(model, [*others, sample])
+    own, offset = lengths[-1], sum(lengths[:-1])
+    torch.testing.assert_close(shared[offset : offset + own, 0], alone[:own, 0])
+    torch.testing.assert_close(padded[:own, -1], alone[:own, 0])
+    assert not torch.allclose(shared[:own, 0], alone[:own, 0])  # another sample leads that row
 
 
 @pytest.mark.parametrize("arch", ARCHS)
