@@ -7,9 +7,9 @@ its embedding table each position copies, the token there and whether it is answ
 - padded: one row per sample, each padded to ``S`` (rounded up to the multiple that SP, CP and
   FP8 need, or the step's fixed length);
 - packed: one row of exactly ``sequence_length`` positions holding the samples back to back, the
-  tail padded. Each sample is its own sequence: its positions restart at 0, attention stays
-  inside it (Megatron's ``thd`` format: :class:`~salm_megatron.llm.PackedRows`), and its
-  next-token targets end with it.
+  tail padded. Each sample is its own sequence (Megatron's ``thd`` format,
+  :class:`~salm_megatron.llm.PackedRows`): RoPE restarts its positions at 0 and attention stays
+  inside it, and its next-token targets end with it.
 
 Targets are made per sample before arranging, so both give every answer token the same loss.
 Everything is computed from host tensors and sent to the device without waiting for it.
@@ -34,8 +34,22 @@ class Layout:
     source: torch.Tensor  # [r, S] row of the model's embedding table at each position
     labels: torch.Tensor  # [r, S] next token at each position
     loss_mask: torch.Tensor  # [r, S] 1 where the next token is an answer token
-    position_ids: torch.Tensor  # [r, S] (restart at each sample when packed)
     packed: PackedRows | None = None  # the samples' boundaries in a packed row
+
+
+# Rows of each rank's local input that Transformer Engine's FP8 GEMMs need a multiple of.
+FP8_ROWS = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
+
+
+def sequence_multiple(parallel, llm) -> int:
+    """What the merged audio+text sequence is padded to a multiple of. CP cuts it into 2*CP
+    chunks (two per CP rank, load-balanced); SP then splits a CP rank's positions over the TP
+    ranks; with FP8 the local rows, checked before SP's all-gather (micro-batch 1 at worst), must
+    be a multiple of :data:`FP8_ROWS`."""
+    cp, tp = parallel.context_parallel_size, parallel.tensor_model_parallel_size
+    split = cp * (tp if parallel.sequence_parallel else 1)  # ranks sharing one sequence
+    rows = FP8_ROWS[llm.fp8_recipe] if llm.fp8 else 1
+    return math.lcm(2 * cp if cp > 1 else 1, split * rows)
 
 
 def next_token_targets(
@@ -81,7 +95,6 @@ def arrange(
     valid = torch.arange(width)[None, :] < lengths[:, None]
     labels, loss_mask = next_token_targets(torch.where(valid, ids, 0), answer.bool() & valid)
     source = torch.where(valid, source, pad_source)
-    positions = torch.arange(width).expand(b, width)
     rows = None
     if not packed:
         length = padded_length(int(lengths.max()), multiple, sequence_length)
@@ -90,7 +103,6 @@ def arrange(
             torch.nn.functional.pad(source, pad, value=pad_source),
             torch.nn.functional.pad(labels, pad),
             torch.nn.functional.pad(loss_mask, pad),
-            torch.arange(length).expand(b, length),
         ]
     else:
         total = int(lengths.sum())
@@ -108,7 +120,6 @@ def arrange(
             torch.cat([x[valid], torch.full((tail,), fill, dtype=x.dtype)])[None]
             for x, fill in ((source, pad_source), (labels, 0), (loss_mask, 0.0))
         ]
-        arranged.append(torch.cat([positions[valid], torch.arange(tail)])[None])
         rows = packed_rows(lengths.tolist(), length, device)
     sent = [x.to(device, non_blocking=True) for x in arranged]
     return Layout(length, lengths, *sent, packed=rows)

@@ -10,12 +10,15 @@ A batch is text with answer marks plus audio segments:
 - ``audio_owner [n]`` (BESTOW): the sample each segment belongs to.
 - ``text_lengths [b]`` (optional): each sample's tokens before the right padding; SALM then
   leaves the padding out of the merged sequence (without it, every position counts as text).
+- ``packed_lengths [b]`` (packed micro-batches, from the data path): each sample's positions in
+  the row, which stages without the first or last layer need for attention.
 
 The model predicts every next token; the loss keeps the positions whose next token is an answer
-token. ``forward`` returns, on the last pipeline stage, the per-position loss ``[b, S]`` with all
-other positions zeroed, so a loss function only sums it and divides by ``answer_mask.sum()``.
-Everything the last stage needs (the sequence layout) is computed from the integer inputs alone,
-so later stages never hold the encoder.
+token. ``forward`` returns, on the last pipeline stage, the per-position loss ``[r, S]`` (a row per
+sample, or one packed row) with all other positions zeroed, so a loss function only sums it and
+divides by the answer tokens (:func:`loss_tokens`). Everything the last stage needs (the sequence
+layout, ``models/layout.py``) is computed from the integer inputs alone, so later stages never
+hold the encoder.
 
 No micro-batch waits for the GPU: a batch moved there keeps its host copy (:func:`to_device`);
 layouts, segment shares and index tables are computed from that copy (:func:`on_host`) and sent to
@@ -25,7 +28,6 @@ the device without a sync, and checks of device values run on the device (``mask
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +47,7 @@ from ..audio.masks import require
 from ..config import Config
 from ..llm import build_llm, local_chunks, packed_rows, vocab_parallel_hits
 from .audio_split import audio_share, gather_segments
-from .layout import Layout
+from .layout import Layout, sequence_multiple
 from .lora import adapter_parameters, apply_lora
 
 # The parts each model.freeze_* switch freezes (the CTC head is the encoder's auxiliary head).
@@ -97,21 +99,6 @@ def on_host(batch: dict) -> dict:
 def sent_like(planned: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A tensor planned on the host, on the device of ``like`` (queued without a sync)."""
     return planned.to(like.device, non_blocking=True)
-
-
-# Rows of each rank's local input that Transformer Engine's FP8 GEMMs need a multiple of.
-FP8_ROWS = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
-
-
-def sequence_multiple(parallel, llm) -> int:
-    """What the merged audio+text sequence is padded to a multiple of. CP cuts it into 2*CP
-    chunks (two per CP rank, load-balanced); SP then splits a CP rank's positions over the TP
-    ranks; with FP8 the local rows, checked before SP's all-gather (micro-batch 1 at worst), must
-    be a multiple of :data:`FP8_ROWS`."""
-    cp, tp = parallel.context_parallel_size, parallel.tensor_model_parallel_size
-    split = cp * (tp if parallel.sequence_parallel else 1)  # ranks sharing one sequence
-    rows = FP8_ROWS[llm.fp8_recipe] if llm.fp8 else 1
-    return math.lcm(2 * cp if cp > 1 else 1, split * rows)
 
 
 class AudioPath(torch.nn.Module):
@@ -441,6 +428,12 @@ class SpeechLLM(MegatronModule):
             raise ValueError("the first and last pipeline stages need the batch")
         check_batch(batch)
         layout = self.layout(batch, sequence_length, packed)
+        given = on_host(batch).get("packed_lengths")
+        if packed and given is not None and given.tolist() != layout.lengths.tolist():
+            raise ValueError(  # the other stages would attend over other bounds
+                f"packed_lengths {given.tolist()} are not the samples' positions in the row "
+                f"{layout.lengths.tolist()}"
+            )
         decoder_input = None
         if self.pre_process:
             decoder_input = local_chunks(self.embed(batch, layout), dim=0)

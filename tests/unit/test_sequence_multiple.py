@@ -9,7 +9,7 @@ import pytest
 
 from recipes.configs import TRAINING
 from salm_megatron.config import LLMConfig, ParallelConfig
-from salm_megatron.models.speech_llm import FP8_ROWS, sequence_multiple
+from salm_megatron.models.layout import FP8_ROWS, sequence_multiple
 
 
 def _local_rows(multiple: int, parallel: ParallelConfig) -> list[float]:
