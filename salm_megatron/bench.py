@@ -65,7 +65,7 @@ def _samples(cfg: Config, batch: int, seconds: float, prompt: int, answer: int) 
 
 def _batch(cfg: Config, batch: int, seconds: float, prompt: int, answer: int, device) -> dict:
     from .data import collate
-    from .models.speech_llm import to_device
+    from .models.host import to_device
 
     samples = _samples(cfg, batch, seconds, prompt, answer)
     return to_device(collate(samples), device)  # with its host copy, as training moves batches
@@ -94,7 +94,7 @@ def training_flops(model, batch: dict, length: int) -> float:
     average); per encoder frame 2 per weight of the audio path; per text token 2 per weight of
     the BESTOW block, as if every part trained. Embedding lookups, norms and the encoder's
     attention scores are left out."""
-    from .models.speech_llm import on_host
+    from .models.host import on_host
 
     cfg, host = model.cfg, on_host(batch)
     llm, b = cfg.llm, host["input_ids"].shape[0]

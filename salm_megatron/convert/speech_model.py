@@ -48,8 +48,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from ..config import Config, ConfigError, config_from_dict
 from ..data.tokenizers import load_tokenizer
+from ..models.audio_path import AudioPath, CTCHead
 from ..models.bestow import BestowCrossAttention
-from ..models.speech_llm import AudioPath, CTCHead
 from .hf_io import (
     TOKENIZER_FILES,
     ConversionError,

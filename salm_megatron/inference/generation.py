@@ -26,7 +26,8 @@ from ..config import DecodeConfig
 from ..data.collate import SpeechSample, collate
 from ..data.prompts import generation_prompt
 from ..data.tokenizers import Tokenizer
-from ..models.speech_llm import SpeechLLM, to_device
+from ..models.host import to_device
+from ..models.speech_llm import SpeechLLM
 
 
 def prefill_mask(valid: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,8 @@ class SDPAttention(MegatronModule):
     @staticmethod
     def _dropout_rng(dropout: float):
         """Megatron's model-parallel RNG for attention dropout (nothing to fork without it)."""
-        return tensor_parallel.get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext()
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        return tracker.fork() if dropout else contextlib.nullcontext()
 
     def _packed(self, query, key, value, rows: PackedSeqParams, dropout: float) -> torch.Tensor:
         """``thd`` query/key/value ``[t, heads, d]``: each sequence of the row attends causally to

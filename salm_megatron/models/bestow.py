@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import BestowConfig
+from .host import on_host, sent_like
 from .layout import Layout, arrange
-from .speech_llm import SpeechLLM, left_align, on_host, sent_like
+from .speech_llm import SpeechLLM, left_align
 
 
 class Attention(torch.nn.Module):

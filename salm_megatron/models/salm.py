@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from .host import on_host, sent_like
 from .layout import Layout, arrange
-from .speech_llm import SpeechLLM, embedding_lengths, left_align, on_host, sent_like
+from .speech_llm import SpeechLLM, embedding_lengths, left_align
 
 
 def splice_layout(
@@ -22,9 +23,10 @@ def splice_layout(
     """Lay out each sample's tokens with every placeholder replaced by its segment's frames.
 
     The embedding table the layout's ``source`` indexes holds the ``b * s`` token embeddings
-    (sample-major), then the segments' frames one segment after another, then a zero row. ``text_lengths [b]`` (tokens before right padding) keeps a sample's text padding out of
-    its sequence. The inputs are read on the host (pass host tensors: no sync); the layout goes
-    to ``device`` (default: that of ``input_ids``).
+    (sample-major), then the segments' frames one segment after another, then a zero row.
+    ``text_lengths [b]`` (tokens before right padding) keeps a sample's text padding out of its
+    sequence. The inputs are read on the host (pass host tensors: no sync); the layout goes to
+    ``device`` (default: that of ``input_ids``).
     """
     b, s = input_ids.shape
     ids, answer = input_ids.cpu(), answer_mask.cpu().bool()

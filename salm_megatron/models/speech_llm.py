@@ -34,19 +34,14 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
-from ..audio import (
-    SpecAugment,
-    build_adapter,
-    build_encoder,
-    build_features,
-    encoder_output_lengths,
-    feature_lengths,
-)
+from ..audio import encoder_output_lengths, feature_lengths
 from ..audio.adapters import audio_embedding_lengths
 from ..audio.masks import require
 from ..config import Config
 from ..llm import build_llm, local_chunks, packed_rows, vocab_parallel_hits
+from .audio_path import AudioPath, CTCHead, attach_loss, length_groups
 from .audio_split import audio_share, gather_segments
+from .host import on_host, sent_like
 from .layout import Layout, sequence_multiple
 from .lora import adapter_parameters, apply_lora
 
@@ -77,107 +72,6 @@ def evaluating(module: torch.nn.Module):
     finally:
         for m, training in modes:
             m.training = training
-
-
-HOST = "host"  # the key under which a device batch keeps its host copy
-
-
-def to_device(batch: dict, device: torch.device | str) -> dict:
-    """``batch`` on ``device`` (copies queued, not waited for) with its host copy under
-    :data:`HOST`, from which the model plans the micro-batch."""
-    host = on_host(batch)
-    moved = {k: v.to(device, non_blocking=True) for k, v in host.items()}
-    moved[HOST] = host
-    return moved
-
-
-def on_host(batch: dict) -> dict:
-    """The batch in host memory: the copy :func:`to_device` kept, else the batch itself."""
-    return batch.get(HOST, batch)
-
-
-def sent_like(planned: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A tensor planned on the host, on the device of ``like`` (queued without a sync)."""
-    return planned.to(like.device, non_blocking=True)
-
-
-class AudioPath(torch.nn.Module):
-    """Audio -> log-mel -> SpecAugment (training only) -> encoder (encoder.type) -> adapter.
-
-    Its weights stay fp32 whatever the LLM's dtype (as NeMo keeps its encoders): BatchNorm's
-    running statistics and the norms need fp32's precision, and they are small next to the LLM.
-    With a bf16 LLM it computes under autocast to bf16 (matmuls and convolutions in bf16) and
-    hands the LLM bf16 embeddings.
-    """
-
-    def __init__(self, cfg: Config, compute_dtype: torch.dtype):
-        super().__init__()
-        self.features = build_features(cfg.encoder)
-        self.spec_augment = SpecAugment(cfg.encoder.spec_augment)
-        self.encoder = build_encoder(cfg.encoder)
-        self.adapter = build_adapter(cfg.adapter, cfg.encoder.d_model, cfg.llm.hidden_size)
-        self.compute_dtype = compute_dtype
-
-    def autocast(self, device: torch.device):
-        """Autocast to the LLM's dtype (nothing when it is fp32)."""
-        lower = self.compute_dtype != torch.float32
-        return torch.autocast(device.type, dtype=self.compute_dtype, enabled=lower)
-
-    def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor):
-        """[n, samples] -> embeddings [n, t, h] in the LLM's width and dtype, their lengths [n]."""
-        return self.adapt(*self.encode(audio, audio_lengths))
-
-    def encode(self, audio: torch.Tensor, audio_lengths: torch.Tensor):
-        """[n, samples] -> encoder output [n, t, d_model] and its lengths [n]."""
-        features, lengths = self.features(audio.float(), audio_lengths)
-        if self.training:
-            features = self.spec_augment(features, lengths)
-        with self.autocast(features.device):
-            return self.encoder(features, lengths)
-
-    def adapt(self, encoded: torch.Tensor, lengths: torch.Tensor):
-        """Encoder output -> embeddings [n, t, h] in the LLM's width and dtype, their lengths."""
-        with self.autocast(encoded.device):
-            emb, lengths = self.adapter(encoded, lengths)
-        return emb.to(self.compute_dtype), lengths
-
-
-class CTCHead(torch.nn.Module):
-    """Auxiliary CTC loss of the encoder's output against the transcripts (blank: last id)."""
-
-    def __init__(self, d_model: int, vocab_size: int):
-        super().__init__()
-        self.blank = vocab_size
-        self.proj = torch.nn.Linear(d_model, vocab_size + 1)
-
-    def forward(self, encoded, lengths, transcripts, transcript_lengths) -> torch.Tensor:
-        """Summed CTC loss over the segments with a transcript (impossible alignments: 0).
-        ``lengths`` and ``transcript_lengths`` [n] are best given on the host: the rows kept
-        are then chosen, and ``ctc_loss`` reads its lengths, without a sync."""
-        keep = (transcript_lengths > 0).nonzero()[:, 0]
-        rows = sent_like(keep, encoded)
-        projected = self.proj(encoded.index_select(0, rows).to(self.proj.weight.dtype))
-        logprobs = projected.float().log_softmax(-1)
-        return F.ctc_loss(
-            logprobs.transpose(0, 1), transcripts.index_select(0, sent_like(keep, transcripts)),
-            lengths[keep], transcript_lengths[keep],
-            blank=self.blank, reduction="sum", zero_infinity=True,
-        )  # fmt: skip
-
-
-class _WithLoss(torch.autograd.Function):
-    """Returns ``output`` unchanged; the backward pass also sends gradient 1 into ``loss``, so a
-    loss computed on the first pipeline stage trains without travelling to the last."""
-
-    @staticmethod
-    def forward(ctx, output, loss):
-        ctx.save_for_backward(loss)
-        return output.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        (loss,) = ctx.saved_tensors
-        return grad, torch.ones_like(loss)
 
 
 def loss_tokens(batch: dict) -> torch.Tensor:
@@ -350,41 +244,55 @@ class SpeechLLM(MegatronModule):
         mine = share.segments(len(audio))
         if len(mine):
             emb, keep_in_graph = self._encode(batch, mine, planned), audio.new_zeros(())
-        else:  # more sharing ranks than segments: silence as wide as the audio, so that this
-            emb, keep_in_graph = self._silence(audio.shape[1])  # rank's frames match, and the
-            emb = emb[:0]  # gather
+        else:  # more sharing ranks than segments: no rows, as wide as the others' (the gather)
+            emb, keep_in_graph = self._silence(self.cfg.encoder.features.sample_rate // 10)
+            emb = emb.new_zeros(0, int(planned.max()), emb.shape[-1])
         return gather_segments(emb, len(audio), share), planned, keep_in_graph
 
     def _encode(self, batch: dict, rows: torch.Tensor | None, planned: torch.Tensor):
-        """Embeddings of the segments ``rows`` (host indices; all when None), with the CTC loss
-        attached; their lengths must be the ``planned`` ones."""
+        """Embeddings ``[len(rows), T, h]`` of the segments ``rows`` (host indices; all when
+        None), ``T`` the batch's longest planned length (so every rank's are alike), with the
+        CTC loss attached. Segments of similar length run together (:func:`length_groups`)."""
+        lengths = on_host(batch)["audio_lengths"]
+        rows = torch.arange(len(lengths)) if rows is None else rows
+        width = int(planned.max())
+        pieces, order = [], []
+        for group in length_groups(lengths[rows].tolist()):
+            pieces.append(self._encode_group(batch, rows[group], planned, width))
+            order += group
+        emb = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        if order == sorted(order):
+            return emb
+        return emb[sent_like(torch.tensor(order).argsort(), emb)]  # back in the rows' order
+
+    def _encode_group(self, batch: dict, rows: torch.Tensor, planned: torch.Tensor, width: int):
+        """Embeddings ``[len(rows), width, h]`` of segments ``rows`` (host indices), padded only
+        to their own longest; their lengths must be the ``planned`` ones."""
         host = on_host(batch)
-        audio, lengths = batch["audio"], batch["audio_lengths"]
-        spoken = host.get("transcript_lengths")
-        transcripts = batch.get("transcripts")
-        if rows is not None:
-            index = sent_like(rows, audio)
-            audio, lengths, planned = audio[index], lengths[index], planned[rows]
-            if spoken is not None:
-                spoken, transcripts = spoken[rows], transcripts[sent_like(rows, transcripts)]
+        index = sent_like(rows, batch["audio"])
+        longest = int(host["audio_lengths"][rows].max())
+        audio, lengths = batch["audio"][index, :longest], batch["audio_lengths"][index]
         encoded, encoded_lengths = self.audio.encode(audio, lengths)
         emb, emb_lengths = self.audio.adapt(encoded, encoded_lengths)
+        expected = planned[rows]
         require(
-            emb_lengths == sent_like(planned, emb_lengths),
+            emb_lengths == sent_like(expected, emb_lengths),
             lambda: (
-                f"audio frames planned {planned.tolist()} != encoded {emb_lengths.tolist()} "
+                f"audio frames planned {expected.tolist()} != encoded {emb_lengths.tolist()} "
                 "(the length formula and the encoder disagree)"
             ),
         )
-        if hasattr(self, "ctc") and spoken is not None and bool((spoken > 0).any()):
-            frames = self.encoder_frames(host["audio_lengths"])
-            frames = frames if rows is None else frames[rows]
+        spoken = host.get("transcript_lengths")
+        if hasattr(self, "ctc") and spoken is not None and bool((spoken[rows] > 0).any()):
+            transcripts = batch["transcripts"][sent_like(rows, batch["transcripts"])]
+            frames = self.encoder_frames(host["audio_lengths"][rows])
             with self.audio.autocast(encoded.device):
-                loss = self.ctc(encoded, frames, transcripts, spoken)
+                loss = self.ctc(encoded, frames, transcripts, spoken[rows])
             self.ctc_loss_sum = self.ctc_loss_sum + loss.detach()  # read once per step
             if torch.is_grad_enabled():
-                emb = _WithLoss.apply(emb, self.cfg.model.ctc_weight * loss)
-        return emb
+                emb = attach_loss(emb, self.cfg.model.ctc_weight * loss)
+        emb = emb[:, :width]  # an encoder pads its output past the longest segment's frames
+        return F.pad(emb, (0, 0, 0, width - emb.shape[1]))
 
     def encoder_frames(self, audio_lengths: torch.Tensor) -> torch.Tensor:
         """Encoder frames of each segment (the CTC head's input lengths), by formula."""

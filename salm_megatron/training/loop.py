@@ -33,9 +33,10 @@ from ..inference.evaluation import decode_samples, evaluation_stream, failure_me
 from ..inference.generation import Generator
 from ..inference.metrics import metrics_json, task_metrics
 from ..models import build_speech_llm
-from ..models.local_copy import decoding_model
 from ..models.audio_split import audio_share
-from ..models.speech_llm import loss_tokens, to_device
+from ..models.host import to_device
+from ..models.local_copy import decoding_model
+from ..models.speech_llm import loss_tokens
 from . import checkpoint
 from .compatible import check_same_data, check_same_model, data_settings
 from .data import SKIP_REASONS, StepBatches, check_ctc_tokenizer, check_tokenizer
@@ -165,9 +166,7 @@ def _to_device(batch: dict | None) -> dict | None:
     return to_device(batch, torch.device("cuda", torch.cuda.current_device()))
 
 
-def _forward_step(
-    data_iterator, model, *, sequence_length: int, packed: bool, with_accuracy: bool
-):
+def _forward_step(data_iterator, model, *, sequence_length: int, packed: bool, with_accuracy: bool):
     batch = _to_device(next(data_iterator))
     output = model(batch, sequence_length, packed=packed, with_accuracy=with_accuracy)
 
@@ -305,8 +304,10 @@ class Trainer:
         ]
         losses = get_forward_backward_func()(
             forward_step_func=functools.partial(
-                _forward_step, sequence_length=step.sequence_length,
-                packed=self.cfg.data.packing, with_accuracy=forward_only,
+                _forward_step,
+                sequence_length=step.sequence_length,
+                packed=self.cfg.data.packing,
+                with_accuracy=forward_only,
             ),  # fmt: skip
             data_iterator=iterators if len(self.model) > 1 else iterators[0],
             model=self.model if len(self.model) > 1 else self.model[0],
@@ -348,9 +349,9 @@ class Trainer:
             values[names.index("ctc_loss")] = self.chunks[0].ctc_loss_sum  # device value, or 0.0
         torch.distributed.all_reduce(values)
         values = values.tolist()
-        totals = dict(zip(names, values, strict=False))
-        skipped_values = values[len(names) :]
-        totals["skipped"] = {r: int(n) for r, n in zip(SKIP_REASONS, skipped_values) if n}
+        totals = dict(zip(names, values[: len(names)], strict=True))
+        counts = zip(SKIP_REASONS, values[len(names) :], strict=True)
+        totals["skipped"] = {reason: int(n) for reason, n in counts if n}
         return totals
 
     def train_step(self) -> dict:
@@ -388,8 +389,11 @@ class Trainer:
             "skipped_samples": sum(skipped.values()),
             "skipped": skipped,  # samples the loader skipped, by reason (data/loader.py)
             "skipped_steps": self.skipped_steps,
-            **({"ctc_loss": totals["ctc_loss"] / max(samples, 1.0)}
-               if self.cfg.model.ctc_weight else {}),  # fmt: skip
+            **(
+                {"ctc_loss": totals["ctc_loss"] / max(samples, 1.0)}
+                if self.cfg.model.ctc_weight
+                else {}
+            ),  # fmt: skip
         }
 
     def _log_keys(self, keys: list[str]) -> None:

@@ -10,7 +10,7 @@ from salm_megatron.config import LLMConfig, ParallelConfig
 from salm_megatron.data import collate
 from salm_megatron.llm import build_llm
 from salm_megatron.models import build_speech_llm
-from salm_megatron.models.speech_llm import to_device
+from salm_megatron.models.host import to_device
 from salm_megatron.training import checkpoint
 from salm_megatron.training.optimizer import build_optimizer, optimizer_step, wrap_ddp
 from tests.gpu.test_transformer_engine import _te_name

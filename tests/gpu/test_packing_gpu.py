@@ -9,7 +9,7 @@ import torch
 
 from salm_megatron.data import collate
 from salm_megatron.models import build_speech_llm
-from salm_megatron.models.speech_llm import to_device
+from salm_megatron.models.host import to_device
 from salm_megatron.training.optimizer import wrap_ddp
 from tests.speech_fixtures import speech_samples, tiny_config, wake_zero_outputs
 

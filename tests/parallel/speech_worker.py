@@ -22,7 +22,7 @@ from salm_megatron.models import build_speech_llm
 from salm_megatron.models.speech_llm import loss_tokens
 from salm_megatron.training.optimizer import wrap_ddp
 from tests.parallel import equivalence as eq
-from tests.speech_fixtures import prompt, speech_samples, tiny_config, waveform, wake_zero_outputs
+from tests.speech_fixtures import prompt, speech_samples, tiny_config, wake_zero_outputs, waveform
 
 MICRO_BATCH = 3
 ROWS = [[0, 1, 5], [2, 3, 4]]  # packed rows: the long audio, a text-only and a short sample
@@ -95,9 +95,7 @@ def run_pass(model, chunks, microbatches, length, packed) -> torch.Tensor | None
             {"packed_lengths": mb["packed_lengths"]} if packed else None for mb in microbatches
         ]
     losses = get_forward_backward_func()(
-        forward_step_func=lambda it, m: forward_step(
-            it, m, sequence_length=length, packed=packed
-        ),
+        forward_step_func=lambda it, m: forward_step(it, m, sequence_length=length, packed=packed),
         data_iterator=[iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches),
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(microbatches),

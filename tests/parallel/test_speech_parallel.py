@@ -1,7 +1,7 @@
 """Proves SALM and BESTOW give TP=PP=1's loss, logits and gradients at TP=2+SP, PP=2, TP=2 x PP=2,
-PP=2 x VPP=2, PP=4 (SALM) and context parallelism (CP=2, CP=2 x TP=2+SP), the auxiliary CTC loss on the first
-stage included; and that packed rows give the padded batch's loss and gradients at TP=1 and every
-layout without CP."""
+PP=2 x VPP=2, PP=4 (SALM) and context parallelism (CP=2, CP=2 x TP=2+SP), the auxiliary CTC loss
+on the first stage included; and that packed rows give the padded batch's loss and gradients at
+TP=1 and every layout without CP."""
 
 import pytest
 

@@ -19,7 +19,7 @@ from salm_megatron.convert.nemo_encoder import (
     encoder_config_from_nemo,
     read_nemo,
 )
-from salm_megatron.models.speech_llm import AudioPath
+from salm_megatron.models.audio_path import AudioPath
 from salm_megatron.training import checkpoint
 from tests.conftest import nemo_reference
 from tests.speech_fixtures import waveform

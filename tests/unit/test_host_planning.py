@@ -11,7 +11,7 @@ import torch
 from salm_megatron.audio import masks
 from salm_megatron.data import collate
 from salm_megatron.models import build_speech_llm
-from salm_megatron.models.speech_llm import HOST, on_host, to_device
+from salm_megatron.models.host import HOST, on_host, to_device
 from tests.speech_fixtures import speech_samples, tiny_config
 
 # Reads of a tensor's values by the host, and ops whose output shape depends on values.

@@ -5,8 +5,10 @@ path kept fp32 in a bf16 model, and a CTC head with its own vocabulary."""
 import pytest
 import torch
 
+from salm_megatron.config import apply_overrides
 from salm_megatron.data import SpeechSample, collate
 from salm_megatron.models import build_speech_llm
+from salm_megatron.models.audio_path import length_groups
 from salm_megatron.models.salm import splice_layout
 from tests.speech_fixtures import (
     AUDIO_TOKEN,
@@ -168,6 +170,22 @@ def test_a_samples_logits_do_not_depend_on_its_row(single_rank, arch):
     assert not torch.allclose(shared[:own, 0], alone[:own, 0])  # another sample leads that row
 
 
+def test_segments_of_very_different_lengths_are_encoded_apart(single_rank):
+    """A packed row holds long and short clips: the encoder runs them in groups of similar
+    length (none padded to a clip over 1/0.7 of its own), with the embeddings each gets alone."""
+    assert length_groups([10, 100, 95, 40, 8]) == [[1, 2], [3], [0, 4]]
+    assert length_groups([50, 60, 55]) == [[1, 2, 0]]  # a length bucket: one group
+    model = _model("salm")
+    samples = [*speech_samples("salm")[:3], speech_samples("salm")[0]]  # 0.23 s to 0.88 s
+    with torch.no_grad():
+        together, lengths, _ = model.encode_audio(collate(samples))
+        for i, segment in enumerate(w for s in samples for w in s.audio):
+            alone, _, _ = model.encode_audio(collate([SpeechSample([1, AUDIO_TOKEN], [0, 0],
+                                                                   [segment])]))  # fmt: skip
+            n = int(lengths[i])
+            torch.testing.assert_close(together[i, :n], alone[0, :n], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_micro_batch_without_audio_keeps_the_audio_path_in_the_graph(single_rank, arch):
     model = _model(arch).train()
@@ -249,7 +267,10 @@ def test_ctc_loss_adds_its_gradient_from_the_first_stage(single_rank, arch):
     loss's (segments without a transcript left out), though only the LLM loss is returned."""
     batch = collate(speech_samples(arch))
     torch.manual_seed(0)
-    (model,) = build_speech_llm(tiny_config(arch, ctc_weight=0.5))
+    # LayerNorm in the conv modules: the model encodes segments in length groups, BatchNorm's
+    # batch statistics would then differ from those of the one batch ctc_only encodes.
+    cfg = apply_overrides(tiny_config(arch, ctc_weight=0.5), ["encoder.conv_norm_type=layer_norm"])
+    (model,) = build_speech_llm(cfg)
 
     def grads(loss_of):
         model.zero_grad()

@@ -18,7 +18,8 @@ from salm_megatron.config import (
 )
 from salm_megatron.data import collate
 from salm_megatron.models import build_speech_llm
-from salm_megatron.models.speech_llm import AudioPath, embedding_lengths
+from salm_megatron.models.audio_path import AudioPath
+from salm_megatron.models.speech_llm import embedding_lengths
 from tests.speech_fixtures import AUDIO_TOKEN, speech_samples, wake_zero_outputs, waveform
 
 
