@@ -58,6 +58,12 @@ def _bench_decode_command(argv: list[str]) -> int:
     return decode_main(argv)
 
 
+def _bench_train_command(argv: list[str]) -> int:
+    from .bench_train import main as bench_train_main
+
+    return bench_train_main(argv)
+
+
 def _bench_command(argv: list[str]) -> int:
     from .bench import main as bench_main
 
@@ -117,6 +123,10 @@ COMMANDS = {
     "bench-decode": (
         _bench_decode_command,
         "decoding speed: greedy vs beam, with and without the KV cache",
+    ),
+    "bench-train": (
+        _bench_train_command,
+        "training throughput: naive, bucketed, packed and a Hugging Face baseline",
     ),
     "shards": (_shards_command, "NeMo-style JSONL manifests -> webdataset shards + index.json"),
     "convert": (_convert_command, "checkpoints from/to Hugging Face and NeMo (see its --help)"),

@@ -20,9 +20,9 @@ divides by the answer tokens (:func:`loss_tokens`). Everything the last stage ne
 layout, ``models/layout.py``) is computed from the integer inputs alone, so later stages never
 hold the encoder.
 
-No micro-batch waits for the GPU: a batch moved there keeps its host copy (:func:`to_device`);
-layouts, segment shares and index tables are computed from that copy (:func:`on_host`) and sent to
-the device without a sync, and checks of device values run on the device (``masks.require``).
+No micro-batch waits for the GPU: a batch moved there keeps its host copy (``models/host.py``);
+layouts, segment shares and index tables are computed from that copy and sent to the device
+without a sync, and checks of device values run on the device (``masks.require``).
 """
 
 from __future__ import annotations
