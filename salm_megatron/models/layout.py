@@ -34,6 +34,7 @@ class Layout:
     source: torch.Tensor  # [r, S] row of the model's embedding table at each position
     labels: torch.Tensor  # [r, S] next token at each position
     loss_mask: torch.Tensor  # [r, S] 1 where the next token is an answer token
+    host_loss_mask: torch.Tensor  # [r, S] its host copy (where the output layer runs)
     packed: PackedRows | None = None  # the samples' boundaries in a packed row
 
 
@@ -121,5 +122,5 @@ def arrange(
             for x, fill in ((source, pad_source), (labels, 0), (loss_mask, 0.0))
         ]
         rows = packed_rows(lengths.tolist(), length, device)
-    sent = [x.to(device, non_blocking=True) for x in arranged]
-    return Layout(length, lengths, *sent, packed=rows)
+    source, labels, loss_mask = (x.to(device, non_blocking=True) for x in arranged)
+    return Layout(length, lengths, source, labels, loss_mask, arranged[2], packed=rows)

@@ -38,7 +38,8 @@ from ..audio import encoder_output_lengths, feature_lengths
 from ..audio.adapters import audio_embedding_lengths
 from ..audio.masks import require
 from ..config import Config
-from ..llm import build_llm, local_chunks, packed_rows, vocab_parallel_hits
+from ..llm import build_llm, local_chunks, packed_rows
+from .answer_loss import answer_loss, hidden_states_only
 from .audio_path import AudioPath, CTCHead, attach_loss, length_groups
 from .audio_split import audio_share, gather_segments
 from .host import on_host, sent_like
@@ -244,9 +245,9 @@ class SpeechLLM(MegatronModule):
         mine = share.segments(len(audio))
         if len(mine):
             emb, keep_in_graph = self._encode(batch, mine, planned), audio.new_zeros(())
-        else:  # more sharing ranks than segments: no rows, as wide as the others' (the gather)
+        else:  # more sharing ranks than segments: no rows, as wide as the others' (the gather),
             emb, keep_in_graph = self._silence(self.cfg.encoder.features.sample_rate // 10)
-            emb = emb.new_zeros(0, int(planned.max()), emb.shape[-1])
+            emb = F.pad(emb[:0, :0], (0, 0, 0, int(planned.max())))  # in the graph (its backward)
         return gather_segments(emb, len(audio), share), planned, keep_in_graph
 
     def _encode(self, batch: dict, rows: torch.Tensor | None, planned: torch.Tensor):
@@ -348,24 +349,18 @@ class SpeechLLM(MegatronModule):
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         labels, loss_mask = (local_chunks(x, dim=1) for x in (layout.labels, layout.loss_mask))
-        output = self.llm(
-            input_ids=None,
-            position_ids=None,  # RoPE: positions from the sequence (packed: from its bounds)
-            attention_mask=None,
-            decoder_input=decoder_input,
-            labels=labels if self.post_process and not with_accuracy else None,
-            packed_seq_params=layout.packed,
-        )
+        with hidden_states_only(self.llm):  # the output layer runs at the answer positions only
+            output = self.llm(
+                input_ids=None,
+                position_ids=None,  # RoPE: positions from the sequence (packed: from its bounds)
+                attention_mask=None,
+                decoder_input=decoder_input,
+                packed_seq_params=layout.packed,
+            )
         if not self.post_process:
             return output
-        if not with_accuracy:
-            return output * loss_mask
-        # Without labels Megatron returns the logits [r, S, v / tp]. Its loss is position-wise,
-        # and it takes labels [r, S] to lie as [S, r]: given them transposed, it reads the logits
-        # in their own order, so the only copy of them is the fp32 one inside the loss.
-        loss = self.llm.compute_language_model_loss(labels.transpose(0, 1), output).transpose(0, 1)
-        hits = vocab_parallel_hits(output, labels)
-        return torch.stack([loss * loss_mask, hits.float() * loss_mask])
+        host_mask = local_chunks(layout.host_loss_mask, dim=1)
+        return answer_loss(self.llm, output, labels, loss_mask, host_mask, with_accuracy)
 
     def _packed_rows(self, batch: dict | None, sequence_length: int | None):
         """The packed row's sequence bounds on a chunk that reads no samples."""

@@ -54,34 +54,39 @@ def forward_step(data_iterator, model, *, sequence_length, packed):
 
 
 class Logits:
-    """The output layer's logits of each micro-batch on this rank, ``[S, b, v / tp]``."""
+    """The output layer's logits on this rank, ``[k, v / tp]`` per micro-batch: the model runs it
+    at the k positions of its sequence chunk that predict an answer token."""
 
     def __init__(self, chunks):
         self.captured = []
         for chunk in chunks:
             if chunk.post_process:
                 chunk.llm.output_layer.register_forward_hook(
-                    lambda module, args, out: self.captured.append(out[0].detach().clone())
+                    lambda module, args, out: self.captured.append(out[0][:, 0].detach().clone())
                 )
 
-    def error(self, reference: list[torch.Tensor]) -> float | None:
-        """Relative error against the reference's logits at the positions and vocabulary slice
-        this rank holds (positions past the reference's padded length hold padding only)."""
+    def by_position(self, chunk, microbatches, length) -> dict[tuple, torch.Tensor]:
+        """The captured logits by (micro-batch, row, position in the whole sequence)."""
+        keys = []
+        for i, mb in enumerate(microbatches):
+            mask = chunk.layout(mb, length).host_loss_mask
+            positions = local_chunks(torch.arange(mask.shape[1]), dim=0)  # this CP rank's
+            for row, j in local_chunks(mask, dim=1).nonzero().tolist():
+                keys.append((i, row, int(positions[j])))
+        logits = torch.cat(self.captured[-len(microbatches) :])
+        assert len(keys) == len(logits), (len(keys), len(logits))
+        return dict(zip(keys, logits, strict=True))
+
+    def error(self, chunk, microbatches, length, reference: dict) -> float | None:
+        """Relative error against the reference's logits at this rank's positions and
+        vocabulary slice."""
         if not self.captured:
             return None
+        mine = self.by_position(chunk, microbatches, length)
         rank = parallel_state.get_tensor_model_parallel_rank()
-        actual, expected = [], []
-        for mine, ref in zip(self.captured, reference, strict=True):
-            width = mine.shape[-1]
-            positions = local_chunks(torch.arange(mine.shape[0] * self._cp()), dim=0)
-            keep = positions < ref.shape[0]
-            actual.append(mine[keep])
-            expected.append(ref[positions[keep]][..., rank * width : (rank + 1) * width])
-        return eq.rel_err(torch.cat(actual), torch.cat(expected))
-
-    @staticmethod
-    def _cp() -> int:
-        return parallel_state.get_context_parallel_world_size()
+        width = next(iter(mine.values())).shape[-1]
+        expected = [reference[key][rank * width : (rank + 1) * width] for key in mine]
+        return eq.rel_err(torch.stack(list(mine.values())), torch.stack(expected))
 
 
 def run_pass(model, chunks, microbatches, length, packed) -> torch.Tensor | None:
@@ -165,8 +170,8 @@ def main():
             "packed_grads": eq.compare_grads([packed_grads], [grads]),
         }
         eq.write_result(args.workdir, "tp1", rank, result)
-        torch.save({"loss": loss, "logits": logits.captured[-len(microbatches):]},
-                   args.workdir / "reference.pt")  # fmt: skip
+        logits = logits.by_position(chunks[0], microbatches, length)
+        torch.save({"loss": loss, "logits": logits}, args.workdir / "reference.pt")
         eq.save_grads(chunks, args.workdir)
         parallel.teardown()
         return
@@ -176,7 +181,7 @@ def main():
     result = {"rank": rank, "grads": eq.grad_errors(chunks, reference_grads)}
     if loss is not None:
         result["loss"] = eq.rel_err(loss, reference["loss"])
-    if (error := logits.error(reference["logits"])) is not None:
+    if (error := logits.error(chunks[-1], microbatches, length, reference["logits"])) is not None:
         result["logits"] = error
     if args.cp == 1:
         packed_loss = run_pass(model, chunks, rows, row_length, packed=True)

@@ -8,6 +8,7 @@ import torch
 from salm_megatron.config import apply_overrides
 from salm_megatron.data import SpeechSample, collate
 from salm_megatron.models import build_speech_llm
+from salm_megatron.models.answer_loss import hidden_states_only
 from salm_megatron.models.audio_path import length_groups
 from salm_megatron.models.salm import splice_layout
 from tests.speech_fixtures import (
@@ -144,13 +145,14 @@ def test_masks_keep_the_loss_where_it_belongs(single_rank, arch):
 
 
 def _logits(model, samples, length=None, packed=False) -> torch.Tensor:
-    """The output layer's logits ``[S, r, v]`` of one micro-batch."""
+    """The output layer's logits ``[k, v]`` of one micro-batch: at its k answer-predicting
+    positions, in row-major order (the only positions the model runs the output layer at)."""
     captured = []
     hook = model.llm.output_layer.register_forward_hook(lambda m, a, out: captured.append(out[0]))
     with torch.no_grad():
         model(collate(samples), length, packed=packed)
     hook.remove()
-    return captured[0]
+    return captured[0][:, 0]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -159,15 +161,33 @@ def test_a_samples_logits_do_not_depend_on_its_row(single_rank, arch):
     the same logits at the sample's own positions (positions restart, attention stays inside)."""
     model = _model(arch)
     *others, sample = [speech_samples(arch)[i] for i in (0, 1, 3, 2)]
-    lengths = model.layout(collate([*others, sample]), None).lengths.tolist()
-    length = sum(lengths) + 4
+    length = sum(model.layout(collate([*others, sample]), None).lengths.tolist()) + 4
     alone = _logits(model, [sample], length, packed=True)
     shared = _logits(model, [*others, sample], length, packed=True)
     padded = _logits(model, [*others, sample])
-    own, offset = lengths[-1], sum(lengths[:-1])
-    torch.testing.assert_close(shared[offset : offset + own, 0], alone[:own, 0])
-    torch.testing.assert_close(padded[:own, -1], alone[:own, 0])
-    assert not torch.allclose(shared[:own, 0], alone[:own, 0])  # another sample leads that row
+    own = sum(sample.answer_mask)  # its answer tokens: the last rows of a row it comes last in
+    assert len(alone) == own
+    torch.testing.assert_close(shared[-own:], alone)
+    torch.testing.assert_close(padded[-own:], alone)
+    assert not torch.allclose(shared[:own], alone)  # other samples' positions come first
+
+
+def test_the_output_layer_runs_at_answer_positions_only(single_rank):
+    """The loss of every position equals the cross entropy of full logits, zero off the answers,
+    while the output layer sees only the answer-predicting positions."""
+    model = _model("salm")
+    batch = collate(speech_samples("salm"))
+    layout = model.layout(batch, None)
+    with torch.no_grad():
+        loss = model(batch)
+        with hidden_states_only(model.llm):
+            hidden = model.llm(None, None, None, decoder_input=model.embed(batch, layout))
+        logits, _ = model.llm.output_layer(hidden)  # every position
+    full = torch.nn.functional.cross_entropy(
+        logits.transpose(0, 1).flatten(0, 1).float(), layout.labels.flatten(), reduction="none"
+    ).view_as(loss)
+    torch.testing.assert_close(loss, full * layout.loss_mask)
+    assert len(_logits(model, speech_samples("salm"))) == int(layout.loss_mask.sum())
 
 
 def test_segments_of_very_different_lengths_are_encoded_apart(single_rank):
