@@ -1,5 +1,6 @@
 """Proves SALM/BESTOW layouts (padded and packed), masks, that a sample's logits do not depend on
-what shares its packed row, the no-audio path, freezing, checkpoint coverage, learning, the audio
+what shares its packed row, packed rows training LoRA on a frozen LLM as padded batches do, the
+output layer at answer positions only, length-grouped encoding, the no-audio path, freezing, checkpoint coverage, learning, the audio
 path kept fp32 in a bf16 model, and a CTC head with its own vocabulary."""
 
 import pytest
@@ -188,6 +189,40 @@ def test_the_output_layer_runs_at_answer_positions_only(single_rank):
     ).view_as(loss)
     torch.testing.assert_close(loss, full * layout.loss_mask)
     assert len(_logits(model, speech_samples("salm"))) == int(layout.loss_mask.sum())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_rows_train_lora_on_a_frozen_llm_as_padded_batches_do(single_rank, arch):
+    """LoRA adapters on a frozen LLM, frozen adapter, auxiliary CTC loss: the packed row gives
+    the padded batch's loss and the same gradients (adapters, encoder, CTC head), nothing else."""
+    overrides = ["lora.rank=4", "model.freeze_llm=true", "model.freeze_adapter=true",
+                 "encoder.conv_norm_type=layer_norm"]  # fmt: skip
+    cfg = apply_overrides(tiny_config(arch, ctc_weight=0.5), overrides)
+    torch.manual_seed(0)
+    (model,) = build_speech_llm(cfg)
+    with torch.no_grad():  # adapters that matter (B starts at zero)
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0.0, 0.05)
+    batch = collate(speech_samples(arch))
+    length = sum(model.layout(batch, None).lengths.tolist()) + 3
+
+    def loss_and_grads(packed):
+        model.zero_grad()
+        loss = model(batch, length if packed else None, packed=packed).sum()
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    padded_loss, padded = loss_and_grads(False)
+    packed_loss, packed = loss_and_grads(True)
+    torch.testing.assert_close(packed_loss, padded_loss)
+    assert padded.keys() == packed.keys()
+    assert any("lora" in n for n in padded) and any(n.startswith("ctc.") for n in padded)
+    assert not any(n.startswith("audio.adapter") or "lora" not in n and n.startswith("llm.")
+                   for n in padded)  # fmt: skip
+    scale = torch.stack([g.norm() for g in padded.values()]).norm()
+    for name, grad in padded.items():
+        torch.testing.assert_close(packed[name], grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 def test_segments_of_very_different_lengths_are_encoded_apart(single_rank):
