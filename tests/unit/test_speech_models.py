@@ -1,7 +1,8 @@
 """Proves SALM/BESTOW layouts (padded and packed), masks, that a sample's logits do not depend on
 what shares its packed row, packed rows training LoRA on a frozen LLM as padded batches do, the
-output layer at answer positions only, length-grouped encoding, the no-audio path, freezing, checkpoint coverage, learning, the audio
-path kept fp32 in a bf16 model, and a CTC head with its own vocabulary."""
+output layer at answer positions only, length-grouped encoding, the no-audio path, freezing,
+checkpoint coverage, learning, the audio path kept fp32 in a bf16 model, and a CTC head with its
+own vocabulary."""
 
 import pytest
 import torch
