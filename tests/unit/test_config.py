@@ -66,11 +66,6 @@ def test_vocab_padding_does_not_depend_on_tp():
             dict(),
             "needs parallel.pipeline_model_parallel_size > 1",
         ),
-        (
-            dict(context_parallel_size=2),
-            dict(transformer_impl="local"),
-            "parallel.context_parallel_size=2 needs Transformer Engine attention",
-        ),
     ],
 )
 def test_impossible_layouts_are_rejected_with_the_numbers(parallel, llm, message):
