@@ -147,15 +147,21 @@ def _measure(cfg: Config, args, device, dtype) -> tuple[float, float, int, float
     )
 
 
-def _start(cfg: Config, args) -> tuple[torch.device, torch.dtype]:
-    """One-process parallel state; the device and dtype, printed with the model's sizes."""
+def one_process(cfg: Config, dtype_name: str) -> tuple[torch.device, torch.dtype]:
+    """One-process parallel state (torn down by ``parallel.teardown``); the device (the GPU
+    when there is one) and the dtype named ``fp32`` or ``bf16``."""
     from . import parallel
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
     parallel.initialize(cfg.parallel, seed=cfg.seed, rank=0, world_size=1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+
+
+def _start(cfg: Config, args) -> tuple[torch.device, torch.dtype]:
+    """:func:`one_process`, printed with the model's sizes."""
+    device, dtype = one_process(cfg, args.dtype)
     on_gpu = device.type == "cuda"
     where = torch.cuda.get_device_name() if on_gpu else f"CPU x{torch.get_num_threads()}"
     print(f"device {where}, {args.dtype}; batch {args.batch} x {args.seconds:g} s of audio")

@@ -33,7 +33,6 @@ import argparse
 import functools
 import importlib.util
 import math
-import os
 import random
 import sys
 import time
@@ -42,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bench import _free, _matmul_weights, _model, _sync, _time, peak_tflops
+from .bench import _free, _matmul_weights, _model, _sync, _time, one_process, peak_tflops
 from .config import Config, ConfigError, apply_overrides
 from .data import SpeechSample, collate
 from .data.batching import BucketBatcher, ListSource, llm_sequence_length, token_cost
@@ -403,14 +402,8 @@ def _peak(device, dtype, args) -> float:
 
 
 def _start(cfg: Config, args) -> tuple[torch.device, torch.dtype]:
-    """One-process parallel state; the device and dtype, printed with the model's sizes."""
-    from . import parallel
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
-    parallel.initialize(cfg.parallel, seed=cfg.seed, rank=0, world_size=1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    """:func:`bench.one_process`, printed with the model's sizes."""
+    device, dtype = one_process(cfg, args.dtype)
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     llm, encoder = cfg.llm, cfg.encoder
     print(

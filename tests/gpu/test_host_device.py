@@ -1,7 +1,7 @@
 """Proves (CUDA only) that a training micro-batch's forward and backward never make the host wait
-for the GPU (SALM and BESTOW, bf16, audio split or not), and that validation decodes a
-Transformer Engine model through a local-spec copy: left-padded batches decode as single
-samples do."""
+for the GPU (SALM and BESTOW, bf16, audio split or not, padded or packed through TE), and that
+validation decodes a Transformer Engine model through a local-spec copy: left-padded batches
+decode as single samples do."""
 
 import dataclasses
 
@@ -18,17 +18,23 @@ from tests.speech_fixtures import prompt_samples, speech_samples, tiny_config, w
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("arch", ["salm", "bestow"])
-def test_a_micro_batch_never_waits_for_the_gpu(single_rank, arch):
+def test_a_micro_batch_never_waits_for_the_gpu(single_rank, arch, packed):
+    """Packed rows through Transformer Engine, whose THD attention and fused RoPE take the row's
+    bounds on the device (without TE, Megatron-Core's unfused RoPE for packed rows reads them)."""
+    if packed:
+        pytest.importorskip("transformer_engine")
     cfg = tiny_config(arch)
     torch.manual_seed(0)
     (model,) = build_speech_llm(cfg, params_dtype=torch.bfloat16)
     (ddp,) = wrap_ddp(cfg, [model.cuda().train()])  # as the loop trains it
     batch = to_device(collate(speech_samples(arch)), "cuda")
+    length = -(-(int(model.layout(batch, None).lengths.sum()) + 5) // 16) * 16 if packed else None
 
     def micro_batch():
         ddp.zero_grad_buffer()
-        ddp(batch).float().sum().backward()
+        ddp(batch, length, packed=packed).float().sum().backward()
 
     micro_batch()  # first use: the filterbank and caches move to the GPU once
     torch.cuda.synchronize()

@@ -1,6 +1,6 @@
 """Proves (CUDA only) that packed rows give the padded batch's loss and gradients on the GPU, with
-the local spec (SDPA per sequence) and with Transformer Engine's THD attention and fused RoPE, and
-that a packed micro-batch through TE never makes the host wait for the GPU."""
+the local spec (SDPA per sequence) and with Transformer Engine's THD attention and fused RoPE (that
+a packed micro-batch never makes the host wait: test_host_device.py)."""
 
 import dataclasses
 
@@ -10,7 +10,6 @@ import torch
 from salm_megatron.data import collate
 from salm_megatron.models import build_speech_llm
 from salm_megatron.models.host import to_device
-from salm_megatron.training.optimizer import wrap_ddp
 from tests.speech_fixtures import speech_samples, tiny_config, wake_zero_outputs
 
 pytestmark = pytest.mark.gpu
@@ -57,29 +56,3 @@ def test_packed_rows_match_the_padded_batch_on_gpu(single_rank, arch, spec):
     for name, grad in padded.items():
         error = (packed[name] - grad).norm() / torch.maximum(grad.norm(), 1e-2 * total)
         assert error < tol * 10, (name, float(error))
-
-
-@pytest.mark.parametrize("arch", ["salm", "bestow"])
-def test_a_packed_micro_batch_never_waits_for_the_gpu(single_rank, arch):
-    """Transformer Engine's THD attention and fused RoPE take the row's bounds on the device
-    (the local spec's per-sequence split reads their host copy, but Megatron's unfused RoPE for
-    packed rows reads the device)."""
-    pytest.importorskip("transformer_engine")
-    cfg, model = _model(arch, "transformer_engine", torch.bfloat16)
-    (ddp,) = wrap_ddp(cfg, [model])
-    batch = to_device(collate(speech_samples(arch)), "cuda")
-    length = -(-(int(model.layout(batch, None).lengths.sum()) + 5) // 16) * 16
-
-    def micro_batch():
-        ddp.zero_grad_buffer()
-        ddp(batch, length, packed=True).float().sum().backward()
-
-    micro_batch()  # first use: the filterbank and caches move to the GPU once
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any sync from here on raises
-    try:
-        micro_batch()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    ddp.finish_grad_sync()
-    torch.cuda.synchronize()
