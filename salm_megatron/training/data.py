@@ -262,10 +262,9 @@ class StepBatches:
             step.sequence_length, step.count, step.micro_batch_size = maxima_over_ranks(
                 [step.sequence_length, step.count, step.micro_batch_size], group
             )
-            if self.cfg.data.packing and step.microbatches is None:
-                step.microbatches = self._row_bounds(None, step.count, group)
-            elif self.cfg.data.packing:
-                self._row_bounds(step.microbatches, step.count, group)
+            if self.cfg.data.packing:  # stages that read no samples take the rows' bounds
+                bounds = self._row_bounds(step.microbatches, step.count, group)
+                step.microbatches = step.microbatches or bounds
         return step
 
     @staticmethod
