@@ -117,10 +117,12 @@ def test_killed_runs_resume_exactly(data_dir, tmp_path):
 
 
 def test_packed_run_killed_resumes_exactly(data_dir, tmp_path):
-    """data.packing at DP=2: SIGKILL after step 5 (checkpoint at 4), resume: the losses, gradient
-    norms and sample keys of the uninterrupted run, bit for bit; rows nearly full."""
+    """data.packing at PP=2 (the stages share each row's bounds): SIGKILL after step 5
+    (checkpoint at 4), resume: the losses, gradient norms and sample keys of the uninterrupted
+    run, bit for bit; rows nearly full."""
     common = ("data.packing=true", "data.pack_tokens=104", "train.steps=8",
-              "checkpoint.interval=4", "train.log_sample_keys=true")  # fmt: skip
+              "checkpoint.interval=4", "train.log_sample_keys=true",
+              "parallel.pipeline_model_parallel_size=2")  # fmt: skip
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     train(data_dir, whole, 2, *common)
     out = train(data_dir, broken, 2, *common, env={"SALM_FAULT": "step:5"}, check=False)

@@ -6,7 +6,7 @@ naming the entry, and so are windows that would end in a smaller micro-batch und
 parallelism; step lengths round to data.length_multiple (128 on a GPU by default); with
 data.packing each micro-batch is one row of data.pack_tokens positions holding whole samples and
 their lengths (over-long samples skipped and counted), its settings checked up front and on
-resume."""
+resume, and the rows' bounds reach pipeline stages that read no samples."""
 
 import pytest
 
@@ -239,3 +239,22 @@ def test_packing_settings_are_checked(single_rank, folder, tokenizer):
                           other)]  # fmt: skip
     with pytest.raises(ConfigError, match="data.pack_tokens: checkpoint 64, this run 96"):
         check_same_data("ckpt", *settings)
+
+
+def test_stages_without_samples_get_each_packed_rows_bounds(monkeypatch):
+    """The max-all-reduce over the pipeline group, played between a stage that read two rows and
+    one that read none: the second gets each row's sample lengths."""
+    import torch
+
+    from salm_megatron.training import data as step_data
+
+    rows = [{"packed_lengths": torch.tensor([5, 3])}, {"packed_lengths": torch.tensor([7])}]
+    sent = []
+    monkeypatch.setattr(step_data, "maxima_over_ranks", lambda values, group: sent.append(values)
+                        or values)  # fmt: skip
+    step_data.StepBatches._row_bounds(rows, 2, None)  # the reading stage's side
+    received = iter(sent)
+    monkeypatch.setattr(step_data, "maxima_over_ranks", lambda values, group: [
+        max(a, b) for a, b in zip(values, next(received), strict=True)])  # fmt: skip
+    bounds = step_data.StepBatches._row_bounds(None, 2, None)
+    assert [b["packed_lengths"].tolist() for b in bounds] == [[5, 3], [7]]
