@@ -82,7 +82,9 @@ class CTCHead(torch.nn.Module):
 def length_groups(lengths: list[int], ratio: float = 0.7) -> list[list[int]]:
     """Positions in ``lengths`` of the segments the encoder runs together, longest first: a
     segment joins the group of the longest before it while it is at least ``ratio`` of that
-    one's length. A batch of similar lengths (a length bucket) is one group."""
+    one's length. A batch of similar lengths (a length bucket) is one group. An encoder's
+    BatchNorm in training then normalises each group with its own statistics and moves its
+    running statistics once per group."""
     groups: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         if groups and lengths[i] >= ratio * lengths[groups[-1][0]]:

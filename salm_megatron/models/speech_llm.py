@@ -348,7 +348,6 @@ class SpeechLLM(MegatronModule):
             decoder_input = local_chunks(self.embed(batch, layout), dim=0)
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
-        labels, loss_mask = (local_chunks(x, dim=1) for x in (layout.labels, layout.loss_mask))
         with hidden_states_only(self.llm):  # the output layer runs at the answer positions only
             output = self.llm(
                 input_ids=None,
@@ -359,7 +358,9 @@ class SpeechLLM(MegatronModule):
             )
         if not self.post_process:
             return output
-        host_mask = local_chunks(layout.host_loss_mask, dim=1)
+        labels, loss_mask, host_mask = (
+            local_chunks(x, dim=1) for x in (layout.labels, layout.loss_mask, layout.host_loss_mask)
+        )
         return answer_loss(self.llm, output, labels, loss_mask, host_mask, with_accuracy)
 
     def _packed_rows(self, batch: dict | None, sequence_length: int | None):
