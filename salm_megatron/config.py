@@ -47,18 +47,21 @@ RECOMPUTE = ("none", "selective", "full")
 # this decoder has nothing for, why. The layer spec decides the rest (llm/model.py).
 RECOMPUTE_MODULES = {
     "core_attn": None,  # softmax(QK^T)V: large with unfused attention, little with flash / TE
-    "mlp": None,  # the whole MLP
+    "mlp": None,  # the whole MLP (dense layers)
     "layernorm": None,  # both norms, outputs dropped until backward (local spec only)
-    "moe": "needs MoE layers",
-    "moe_act": "needs MoE layers",
-    "shared_experts": "needs MoE layers",
+    "moe": None,  # the whole MoE layer: router, dispatch, experts (MoE layers)
+    "moe_act": None,  # the experts' activation (MoE layers, grouped GEMM: TE spec only)
+    "shared_experts": "needs shared experts",
     "mla_up_proj": "needs multi-latent attention",
 }
+MOE_ONLY_RECOMPUTE = ("moe", "moe_act")
+MOE_DISPATCHERS = ("alltoall", "allgather")
 
 
 @dataclass
 class LLMConfig:
-    """Shape and numerics of a Llama-family decoder (RMSNorm, SwiGLU, RoPE, GQA)."""
+    """Shape and numerics of a Llama-family decoder (RMSNorm, SwiGLU, RoPE, GQA), optionally with
+    Qwen3's per-head query/key norm and mixture-of-experts MLPs."""
 
     num_layers: int = 4
     hidden_size: int = 64
@@ -72,7 +75,20 @@ class LLMConfig:
     rope_scaling_factor: Optional[float] = None  # Llama-3.1 style scaling (8 for 3.1, 32 for 3.2)
     norm_epsilon: float = 1e-5
     qkv_bias: bool = False  # Qwen2
+    # Qwen3: RMSNorm over each head's query and key before RoPE (Megatron's qk_layernorm).
+    qk_layernorm: bool = False
+    # Width of one attention head; null: hidden_size / num_attention_heads (Qwen3 sets 128).
+    kv_channels: Optional[int] = None
     tie_embeddings: bool = False
+    # Mixture of experts (Megatron-Core's MoELayer in every layer): null for a dense MLP.
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2  # experts each token goes to
+    moe_ffn_hidden_size: Optional[int] = None  # one expert's FFN width; null: ffn_hidden_size
+    # Top-k weights renormalised to sum to 1 (Qwen3-MoE's norm_topk_prob, Mixtral); false: the
+    # softmax over all experts, read at the top k (Qwen2-MoE).
+    moe_router_norm_topk: bool = True
+    moe_aux_loss_coeff: float = 0.001  # load-balancing loss weight (Switch-style, per layer)
+    moe_token_dispatcher: str = "alltoall"  # how tokens reach experts on other EP ranks
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     init_method_std: float = 0.02
@@ -99,10 +115,12 @@ class LLMConfig:
             "fp8_amax_history_len",
         ):
             _positive(f"llm.{name}", getattr(self, name))
+        _optional_positive("llm.kv_channels", self.kv_channels)
         _require(
-            self.hidden_size % self.num_attention_heads == 0,
+            self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
             f"llm.hidden_size={self.hidden_size} is not divisible by "
-            f"llm.num_attention_heads={self.num_attention_heads}",
+            f"llm.num_attention_heads={self.num_attention_heads} (set llm.kv_channels for a "
+            "head width of its own)",
         )
         _require(
             self.num_attention_heads % self.num_query_groups == 0,
@@ -123,6 +141,7 @@ class LLMConfig:
         _choice("llm.fp8_amax_compute_algo", self.fp8_amax_compute_algo, ("max", "most_recent"))
         _choice("llm.recompute", self.recompute, RECOMPUTE)
         self._check_recompute_modules()
+        self._check_moe()
         _require(
             self.fp8 is None or self.transformer_impl != "local",
             f"llm.fp8={self.fp8!r} needs Transformer Engine, but llm.transformer_impl='local'",
@@ -130,7 +149,7 @@ class LLMConfig:
 
     def _check_recompute_modules(self) -> None:
         modules = self.recompute_modules
-        allowed = [module for module, why in RECOMPUTE_MODULES.items() if why is None]
+        allowed = [module for module in RECOMPUTE_MODULES if self._cannot_recompute(module) is None]
         _require(
             isinstance(modules, (list, tuple))
             and len(modules) > 0
@@ -141,7 +160,7 @@ class LLMConfig:
         )
         for module in modules:
             _choice("llm.recompute_modules entry", module, tuple(RECOMPUTE_MODULES))
-            why = RECOMPUTE_MODULES[module]
+            why = self._cannot_recompute(module)
             _require(
                 why is None,
                 f"llm.recompute_modules: {module!r} {why}, which this decoder does not have; "
@@ -149,9 +168,46 @@ class LLMConfig:
             )
         self.recompute_modules = list(modules)
 
+    def _cannot_recompute(self, module: str) -> Optional[str]:
+        """Why this decoder has nothing for selective-recompute ``module`` (None: it has)."""
+        if module in MOE_ONLY_RECOMPUTE and not self.is_moe:
+            return "needs MoE layers"
+        if module == "mlp" and self.is_moe:
+            return "needs dense MLP layers (the MoE layer's is 'moe')"
+        return RECOMPUTE_MODULES[module]
+
+    def _check_moe(self) -> None:
+        _optional_positive("llm.num_moe_experts", self.num_moe_experts)
+        _optional_positive("llm.moe_ffn_hidden_size", self.moe_ffn_hidden_size)
+        _positive("llm.moe_router_topk", self.moe_router_topk)
+        _choice("llm.moe_token_dispatcher", self.moe_token_dispatcher, MOE_DISPATCHERS)
+        _require(
+            self.moe_aux_loss_coeff >= 0,
+            f"llm.moe_aux_loss_coeff={self.moe_aux_loss_coeff} must be >= 0",
+        )
+        experts = self.num_moe_experts
+        _require(
+            experts is None or self.moe_router_topk <= experts,
+            f"llm.moe_router_topk={self.moe_router_topk} is more than "
+            f"llm.num_moe_experts={experts}",
+        )
+        _require(
+            experts is None or self.moe_router_topk > 1 or not self.moe_router_norm_topk,
+            "llm.moe_router_topk=1 with llm.moe_router_norm_topk=true gives every token the "
+            "weight 1 (and the router no gradient); set moe_router_norm_topk=false",
+        )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
+
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
     def padded_vocab_size(self) -> int:
@@ -166,13 +222,26 @@ class LLMConfig:
     def num_parameters(self, padded_vocab: bool = False) -> int:
         """Parameter count of the decoder (for memory arithmetic and checking presets)."""
         h, f, layers = self.hidden_size, self.ffn_hidden_size, self.num_layers
-        kv = self.num_query_groups * self.head_dim
-        attention = h * (h + 2 * kv) + h * h + (h + 2 * kv if self.qkv_bias else 0)
-        mlp = 3 * h * f
+        q, kv = self.num_attention_heads * self.head_dim, self.num_query_groups * self.head_dim
+        attention = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0)
+        attention += 2 * self.head_dim if self.qk_layernorm else 0
+        if self.is_moe:
+            mlp = self.num_moe_experts * (3 * h * self.expert_ffn_hidden_size + h)  # + router
+        else:
+            mlp = 3 * h * f
         norms = 2 * h
         vocab = self.padded_vocab_size if padded_vocab else self.vocab_size
         embeddings = vocab * h * (1 if self.tie_embeddings else 2)
         return layers * (attention + mlp + norms) + h + embeddings
+
+    def num_active_parameters(self) -> int:
+        """Parameters one token goes through: with MoE, ``moe_router_topk`` experts per layer."""
+        if not self.is_moe:
+            return self.num_parameters()
+        idle = self.num_moe_experts - self.moe_router_topk
+        return self.num_parameters() - self.num_layers * idle * 3 * self.hidden_size * (
+            self.expert_ffn_hidden_size
+        )
 
 
 LLM_PRESETS: dict[str, dict[str, Any]] = {
@@ -222,6 +291,59 @@ LLM_PRESETS: dict[str, dict[str, Any]] = {
         norm_epsilon=1e-6,
         qkv_bias=True,
     ),
+    # Qwen3: per-head query/key RMSNorm, head width 128 whatever the hidden size.
+    "qwen3-1.7b": dict(
+        num_layers=28,
+        hidden_size=2048,
+        ffn_hidden_size=6144,
+        num_attention_heads=16,
+        num_query_groups=8,
+        kv_channels=128,
+        qk_layernorm=True,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rotary_base=1000000.0,
+        norm_epsilon=1e-6,
+        tie_embeddings=True,
+    ),
+    "qwen3-8b": dict(
+        num_layers=36,
+        hidden_size=4096,
+        ffn_hidden_size=12288,
+        num_attention_heads=32,
+        num_query_groups=8,
+        kv_channels=128,
+        qk_layernorm=True,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rotary_base=1000000.0,
+        norm_epsilon=1e-6,
+    ),
+    # 128 experts of FFN 768 in every layer, 8 per token (3.3B of 30.5B parameters active).
+    "qwen3-30b-a3b": dict(
+        num_layers=48,
+        hidden_size=2048,
+        ffn_hidden_size=6144,
+        num_attention_heads=32,
+        num_query_groups=4,
+        kv_channels=128,
+        qk_layernorm=True,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rotary_base=1000000.0,
+        norm_epsilon=1e-6,
+        num_moe_experts=128,
+        moe_router_topk=8,
+        moe_ffn_hidden_size=768,
+    ),
+    # Test size of a Qwen3-MoE: query/key norms, heads wider than hidden/heads, 4 experts, top 2.
+    "tiny-moe": dict(
+        kv_channels=32,
+        qk_layernorm=True,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=48,
+    ),
 }
 
 
@@ -246,6 +368,12 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None  # model chunks per pipeline rank
     sequence_parallel: bool = False
     context_parallel_size: int = 1
+    # MoE: the experts spread over this many ranks, carved from the data-parallel (x context-
+    # parallel) ranks as Megatron does: attention stays data-parallel, tokens travel to their
+    # experts' ranks (all-to-all).
+    expert_model_parallel_size: int = 1
+    # Each expert's linears split over this many ranks; null: tensor_model_parallel_size.
+    expert_tensor_parallel_size: Optional[int] = None
     # The first stage's TP ranks encode different audio segments and gather the embeddings,
     # instead of each encoding all of them (see models/audio_split.py).
     split_audio_over_tp: bool = True
@@ -260,8 +388,10 @@ class ParallelConfig:
             "tensor_model_parallel_size",
             "pipeline_model_parallel_size",
             "context_parallel_size",
+            "expert_model_parallel_size",
         ):
             _positive(f"parallel.{name}", getattr(self, name))
+        _optional_positive("parallel.expert_tensor_parallel_size", self.expert_tensor_parallel_size)
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
             _positive("parallel.virtual_pipeline_model_parallel_size", vpp)
@@ -311,6 +441,10 @@ class ParallelConfig:
     def num_model_chunks(self) -> int:
         return self.virtual_pipeline_model_parallel_size or 1
 
+    @property
+    def expert_tensor_size(self) -> int:
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size
 
@@ -322,6 +456,19 @@ class ParallelConfig:
             f"world size {world_size} is not divisible by tensor x pipeline x context parallel = "
             f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size} x "
             f"{self.context_parallel_size} = {mp}",
+        )
+        ep, etp, pp = (
+            self.expert_model_parallel_size,
+            self.expert_tensor_size,
+            self.pipeline_model_parallel_size,
+        )
+        stage_ranks = world_size // pp
+        _require(
+            stage_ranks % (ep * etp) == 0,
+            f"parallel.expert_model_parallel_size={ep} x expert tensor parallel {etp} = "
+            f"{ep * etp} does not divide the {stage_ranks} ranks of a pipeline stage (world size "
+            f"{world_size} / parallel.pipeline_model_parallel_size={pp}): experts are spread "
+            "over the data-parallel x context x tensor parallel ranks",
         )
 
 
@@ -356,6 +503,7 @@ def validate_layout(llm: LLMConfig, parallel: ParallelConfig) -> None:
     """Reject model/parallel combinations that cannot be split, naming the numbers."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     chunks = parallel.num_model_chunks
+    _validate_experts(llm, parallel)
     for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "padded_vocab_size"):
         value = getattr(llm, name)
         _require(
@@ -377,6 +525,27 @@ def validate_layout(llm: LLMConfig, parallel: ParallelConfig) -> None:
             f"parallel.virtual_pipeline_model_parallel_size={chunks} (each model chunk of a "
             "stage holds as many layers)",
         )
+
+
+def _validate_experts(llm: LLMConfig, parallel: ParallelConfig) -> None:
+    ep, etp = parallel.expert_model_parallel_size, parallel.expert_tensor_size
+    if not llm.is_moe:
+        _require(
+            ep == 1,
+            f"parallel.expert_model_parallel_size={ep} needs MoE layers (llm.num_moe_experts "
+            "is null)",
+        )
+        return
+    _require(
+        llm.num_moe_experts % ep == 0,
+        f"llm.num_moe_experts={llm.num_moe_experts} is not divisible by "
+        f"parallel.expert_model_parallel_size={ep} (each EP rank holds as many experts)",
+    )
+    _require(
+        llm.expert_ffn_hidden_size % etp == 0,
+        f"llm.moe_ffn_hidden_size={llm.expert_ffn_hidden_size} is not divisible by the expert "
+        f"tensor parallel size {etp}",
+    )
 
 
 # ------------------------------------------------------------------------------------------- audio

@@ -25,9 +25,14 @@ _NORMS_NEED_TE = (
     "Engine's FP8 state even without FP8, so it needs Transformer Engine installed; use core_attn "
     "or mlp"
 )
+_ACT_NEEDS_GROUPED_GEMM = (
+    "Megatron-Core recomputes the experts' activation only inside Transformer Engine's grouped "
+    "GEMM experts; use moe"
+)
 NOT_RECOMPUTABLE = {
     "transformer_engine": {"layernorm": _TE_FUSED_NORMS},
-    "local": {} if HAVE_TE else {"layernorm": _NORMS_NEED_TE},
+    "local": {"moe_act": _ACT_NEEDS_GROUPED_GEMM}
+    | ({} if HAVE_TE else {"layernorm": _NORMS_NEED_TE}),
 }
 
 
@@ -79,6 +84,42 @@ def kernel_settings(te: bool, interleaved: bool) -> dict:
     )
 
 
+def _router_gemm_without_te() -> None:
+    """Megatron-Core 0.16's router reads ``moe_utils.te_general_gemm``, which that module
+    defines only when Transformer Engine imports; None is its own 'no TE' value (torch's
+    matmul), so give it that where TE is absent."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def moe_settings(llm: LLMConfig, parallel: ParallelConfig, te: bool) -> dict:
+    """``TransformerConfig``'s MoE fields: every layer's MLP a router over
+    ``llm.num_moe_experts`` experts, spread over ``parallel.expert_model_parallel_size`` ranks.
+    The router is Qwen3-MoE's and Mixtral's (softmax, top k, renormalised) or, with
+    ``moe_router_norm_topk=false``, the softmax over all experts read at the top k (Qwen2-MoE);
+    its logits in fp32. Experts run as one grouped GEMM with Transformer Engine, one after the
+    other (SequentialMLP) without it: the same checkpoint keys either way."""
+    if not llm.is_moe:
+        return {}
+    _router_gemm_without_te()
+    return dict(
+        num_moe_experts=llm.num_moe_experts,
+        moe_ffn_hidden_size=llm.expert_ffn_hidden_size,
+        moe_router_topk=llm.moe_router_topk,
+        moe_router_pre_softmax=not llm.moe_router_norm_topk,
+        moe_router_score_function="softmax",
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=llm.moe_aux_loss_coeff,
+        moe_token_dispatcher_type=llm.moe_token_dispatcher,
+        moe_grouped_gemm=te,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+    )
+
+
 def transformer_config(
     llm: LLMConfig, parallel: ParallelConfig, params_dtype: torch.dtype = torch.float32
 ) -> TransformerConfig:
@@ -111,6 +152,7 @@ def transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=llm.qkv_bias,
+        qk_layernorm=llm.qk_layernorm,
         attention_dropout=llm.attention_dropout,
         hidden_dropout=llm.hidden_dropout,
         init_method_std=llm.init_method_std,
@@ -134,6 +176,7 @@ def transformer_config(
         # and gradients; the unbatched path keeps the two directions on different groups.
         overlap_p2p_comm=interleaved,
         batch_p2p_comm=not interleaved,
+        **moe_settings(llm, parallel, te),
         **fp8,
         **recompute,
         **uneven,

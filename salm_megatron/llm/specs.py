@@ -17,6 +17,8 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlock,
@@ -58,8 +60,23 @@ def uses_transformer_engine(llm: LLMConfig) -> bool:
     return available
 
 
-def local_layer_spec() -> ModuleSpec:
-    """Llama-style pre-norm layer from Megatron-Core modules, SDPA attention and our norm."""
+def local_mlp_spec(llm: LLMConfig) -> ModuleSpec:
+    """SwiGLU MLP, or an MoE layer whose experts are such MLPs run one after the other."""
+    linears = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    if not llm.is_moe:
+        return ModuleSpec(module=MLP, submodules=linears)
+    experts = ModuleSpec(module=SequentialMLP, submodules=linears)
+    return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts))
+
+
+def local_layer_spec(llm: LLMConfig) -> ModuleSpec:
+    """Llama-style pre-norm layer from Megatron-Core modules, SDPA attention and our norm
+    (Qwen3: also over each head's query and key; MoE: experts in place of the MLP)."""
+    qk_norm = Norm if llm.qk_layernorm else IdentityOp
+    # Checkpoint names of the TE spec, where a dense MLP's norm lives inside its first linear.
+    keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+    if not llm.is_moe:
+        keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -71,33 +88,29 @@ def local_layer_spec() -> ModuleSpec:
                     linear_qkv=ColumnParallelLinear,
                     core_attention=SDPAttention,
                     linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
-                ),
-            ),
+            mlp=local_mlp_spec(llm),
             mlp_bda=get_bias_dropout_add,
-            # Checkpoint names of the TE spec, where these norms live inside the next linear.
-            sharded_state_dict_keys_map={
-                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-            },
+            sharded_state_dict_keys_map=keys_map,
         ),
     )
 
 
-def transformer_engine_layer_spec() -> ModuleSpec:
-    """Megatron-Core's TE layer spec (fused norm+linear, TE attention, FP8 capable)."""
+def transformer_engine_layer_spec(llm: LLMConfig) -> ModuleSpec:
+    """Megatron-Core's TE layer spec (fused norm+linear, TE attention, FP8 capable; MoE experts
+    as one grouped GEMM)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_with_transformer_engine_spec(
+        num_experts=llm.num_moe_experts,
+        moe_grouped_gemm=llm.is_moe,
+        qk_layernorm=llm.qk_layernorm,
+    )
 
 
 def decoder_spec(
@@ -105,11 +118,11 @@ def decoder_spec(
 ) -> ModuleSpec:
     """Spec of this pipeline chunk's decoder: its layers and, last, the final norm."""
     if uses_transformer_engine(llm):
-        return transformer_engine_layer_spec()  # Megatron adds TE's final norm itself
+        return transformer_engine_layer_spec(llm)  # Megatron adds TE's final norm itself
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(
-            layer_specs=[local_layer_spec()] * layers, layer_norm=Norm
+            layer_specs=[local_layer_spec(llm)] * layers, layer_norm=Norm
         ),
     )

@@ -2,7 +2,9 @@
 
 Megatron-Core assumes a GPU in a handful of places: it calls ``torch.cuda.current_device()`` and
 ``torch.cuda.synchronize()``, makes tensors with ``device="cuda"`` (or in pinned memory) in the
-schedules, DDP buffers, optimizers, grad clipping and context-parallel RoPE, asserts
+schedules, DDP buffers, optimizers, grad clipping, context-parallel RoPE and the MoE auxiliary-loss
+tracker, copies the MoE all-to-all dispatcher's split sizes to the host on a side CUDA stream
+(here every op is synchronous, so streams and their events become no-ops), asserts
 ``Tensor.type()`` strings such as ``'torch.cuda.FloatTensor'`` in the optimizers, and forks (and,
 for activation recompute, saves and restores) the CUDA RNG.
 :func:`apply` routes each of those to the CPU. :func:`salm_megatron.parallel.initialize` calls
@@ -39,7 +41,10 @@ _MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.rerun_state_machine",
     "megatron.core.utils",
     "megatron.core.models.common.embeddings.rope_utils",  # CP's RoPE chunks, in pinned memory
+    "megatron.core.transformer.moe.moe_utils",  # the auxiliary-loss tracker
 )
+# Megatron modules that run work on side CUDA streams (the MoE dispatcher's host copies).
+_MODULES_WITH_CUDA_STREAMS = ("megatron.core.transformer.moe.token_dispatcher",)
 
 # (module, attribute) of Megatron functions that assert CUDA tensor type strings.
 _CUDA_TYPE_CHECKERS = (
@@ -81,13 +86,43 @@ def _on_host(factory):
     return make
 
 
-class _TorchOnHost(types.ModuleType):
-    """Stands in for ``torch`` inside one Megatron module: same names, CUDA devices become CPU."""
+class _HostStream:
+    """A CUDA stream (and its events) where all work is synchronous: nothing to wait for."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self) -> _HostStream:
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _CudaStreamsOnHost(types.ModuleType):
+    """Stands in for ``torch.cuda`` where a module only orders its work with streams."""
 
     def __init__(self):
+        super().__init__("torch.cuda")
+        self.Stream = _HostStream
+        self._stream = _HostStream()
+        self.current_stream = lambda device=None: self._stream
+        self.stream = lambda stream: contextlib.nullcontext()
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _TorchOnHost(types.ModuleType):
+    """Stands in for ``torch`` inside one Megatron module: same names, CUDA devices become CPU
+    (and, with ``streams``, CUDA streams no-ops)."""
+
+    def __init__(self, streams: bool = False):
         super().__init__("torch")
         for name in _TENSOR_FACTORIES:
             setattr(self, name, _on_host(getattr(torch, name)))
+        if streams:
+            self.cuda = _CudaStreamsOnHost()
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -203,6 +238,8 @@ def apply() -> bool:
     host_torch = _TorchOnHost()
     for name in _MODULES_WITH_CUDA_LITERALS:
         importlib.import_module(name).torch = host_torch
+    for name in _MODULES_WITH_CUDA_STREAMS:
+        importlib.import_module(name).torch = _TorchOnHost(streams=True)
 
     for module_name, path in _CUDA_TYPE_CHECKERS:
         _patch_attribute_path(importlib.import_module(module_name), path, _with_cuda_type_names)

@@ -69,17 +69,20 @@ def initialize(
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     set_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     log.info(
-        "parallel runtime up: world %d = tp %d x pp %d x cp %d x dp %d (%s)",
+        "parallel runtime up: world %d = tp %d x pp %d x cp %d x dp %d, ep %d (%s)",
         world_size,
         parallel.tensor_model_parallel_size,
         parallel.pipeline_model_parallel_size,
         parallel.context_parallel_size,
         parallel.data_parallel_size(world_size),
+        parallel.expert_model_parallel_size,
         "nccl" if use_cuda else "gloo",
     )
 
