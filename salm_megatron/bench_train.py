@@ -224,7 +224,7 @@ class HFTrainer:
     def __init__(self, cfg: Config, device, dtype):
         import transformers
 
-        from .convert.hf_llm import hf_config_from_llm
+        from .convert.llm_families import hf_config_from_llm
         from .models.audio_path import AudioPath
 
         fields = hf_config_from_llm(cfg.llm, torch.float32)

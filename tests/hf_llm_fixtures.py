@@ -1,5 +1,6 @@
-"""Tiny random Hugging Face LLMs (Llama 3, Llama 3.2 tied, Qwen2 with QKV bias) saved locally,
-with their logits on a fixed batch: the reference of the LLM conversion tests."""
+"""Tiny random Hugging Face LLMs (Llama 3, Llama 3.2 tied, Qwen2 with QKV bias, Qwen3 with
+query/key norms and wide heads, Qwen3-MoE) saved locally, with their logits on a fixed batch: the
+reference of the LLM conversion tests."""
 
 from __future__ import annotations
 
@@ -47,7 +48,33 @@ CASES = {
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
     ),
+    # Qwen3: per-head query/key RMSNorm, heads of 32 (not hidden/heads = 16), tied.
+    "qwen3": dict(
+        family="qwen3",
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=256,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+    # Qwen3-MoE: 4 experts of FFN 48, top 2 renormalised (Qwen3-30B-A3B's norm_topk_prob).
+    "qwen3_moe": dict(
+        family="qwen3_moe",
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=256,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+        max_shard_size="60KB",
+    ),
 }
+MOE_CASES = ("qwen3_moe",)
 
 
 def hf_config(case: str):
@@ -56,7 +83,12 @@ def hf_config(case: str):
     fields = dict(CASES[case])
     family = fields.pop("family")
     fields.pop("max_shard_size", None)
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
+    }[family]
     return cls(**SHAPE, **fields)
 
 

@@ -1,4 +1,5 @@
-"""Hugging Face Llama / Mistral / Qwen2 checkpoints <-> our LLM as a Megatron dist checkpoint.
+"""Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE checkpoints <-> our LLM as a Megatron
+dist checkpoint.
 
 ``hf-to-mcore`` writes what ``checkpoint.pretrained_llm`` loads at any TP/PP: the GPTModel's keys
 (norms under the Transformer Engine names, layers stacked), with ``llm.yaml`` (our llm.* fields),
@@ -7,9 +8,8 @@ training checkpoint of a speech model (its LLM only) back into a folder transfor
 
 Both stream: HF shards are read one at a time and the converted tensors staged in memory-mapped
 files until the single dist-checkpoint save; the export reads the checkpoint a layer at a time.
-Megatron's tensors differ from Hugging Face's in three ways (see :func:`conversion_rules`):
-q/k/v are one matrix, grouped per query group as [q heads of the group, k, v]; gate and up are
-one matrix [gate; up]; the vocabulary is padded to ``LLMConfig.padded_vocab_size`` with zero rows.
+The families are a table (``llm_families.py``), the tensors rules (``llm_rules.py``). A MoE
+layer's experts are one stacked checkpoint tensor, so they load at any expert-parallel size.
 """
 
 from __future__ import annotations
@@ -53,141 +53,24 @@ from .hf_io import (
     copy_tokenizer,
     read_json,
 )
+from .llm_families import (
+    HF_CONFIG_FILE,
+    NUMERIC_FIELDS,
+    SHAPE_FIELDS,
+    family_of,
+    hf_config_from_llm,
+    llm_config_from_hf,
+)
+from .llm_rules import Rule, check_hf_tensors, conversion_rules
 
 log = logging.getLogger("salm.convert")
 
 LLM_CONFIG_FILE = "llm.yaml"  # our llm.* fields, beside a converted checkpoint
-HF_CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_MODELS = ("tokenizer.json", "tokenizer.model")  # what load_tokenizer reads in a folder
-ARCHITECTURES = {  # Hugging Face class -> model_type
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
-# Megatron-Core's Llama-3 rope scaling has these fixed; only the factor is configurable.
-LLAMA3_ROPE_FIXED = {
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Hugging Face tensors that carry nothing (recomputed buffers).
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
 
 # -------------------------------------------------------------------------------------- config
-
-
-def llm_config_from_hf(hf: dict, source: str = HF_CONFIG_FILE) -> LLMConfig:
-    """Our LLMConfig for a Hugging Face ``config.json``; unsupported settings are errors."""
-
-    def fail(message: str):
-        raise ConversionError(f"{source}: {message}")
-
-    def need(key: str):
-        if hf.get(key) is None:
-            fail(f"has no {key}")
-        return hf[key]
-
-    architectures = hf.get("architectures") or []
-    arch = architectures[0] if len(architectures) == 1 else None
-    if arch not in ARCHITECTURES or hf.get("model_type") != ARCHITECTURES[arch]:
-        fail(
-            f"architectures={architectures} model_type={hf.get('model_type')!r} is not supported; "
-            f"supported: {', '.join(f'{a} ({t})' for a, t in ARCHITECTURES.items())}"
-        )
-    model_type = ARCHITECTURES[arch]
-    if hf.get("hidden_act", "silu") != "silu":
-        fail(f"hidden_act={hf['hidden_act']!r} is not supported (only silu)")
-    for key in ("attention_bias", "mlp_bias"):
-        if model_type != "qwen2" and hf.get(key):
-            fail(f"{key}=true is not supported (Llama/Mistral linears without bias)")
-    if model_type == "qwen2" and hf.get("use_sliding_window"):
-        fail("use_sliding_window=true is not supported (attention here is full causal)")
-    if model_type == "mistral" and hf.get("sliding_window") is not None:
-        fail(
-            f"sliding_window={hf['sliding_window']} is not supported (attention here is full "
-            "causal); Mistral 7B v0.2 and later have sliding_window=null"
-        )
-    hidden, heads = need("hidden_size"), need("num_attention_heads")
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim * heads != hidden:
-        fail(
-            f"head_dim={head_dim} is not hidden_size/num_attention_heads={hidden}/{heads} "
-            "(not supported)"
-        )
-    theta, factor = _rope(hf, fail)
-    try:
-        return LLMConfig(
-            num_layers=need("num_hidden_layers"),
-            hidden_size=hidden,
-            ffn_hidden_size=need("intermediate_size"),
-            num_attention_heads=heads,
-            num_query_groups=hf.get("num_key_value_heads") or heads,
-            vocab_size=need("vocab_size"),
-            max_position_embeddings=need("max_position_embeddings"),
-            rotary_base=theta,
-            rope_scaling_factor=factor,
-            norm_epsilon=float(need("rms_norm_eps")),
-            qkv_bias=model_type == "qwen2",
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        )
-    except ConfigError as err:
-        fail(f"gives an invalid LLM config: {err}")
-
-
-def _rope(hf: dict, fail: Callable[[str], None]) -> tuple[float, float | None]:
-    """(rotary base, Llama-3 scaling factor or None) from transformers 5's ``rope_parameters``
-    or the older ``rope_theta`` + ``rope_scaling``."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    if theta != int(theta):
-        fail(f"rope_theta={theta} is not an integer (Megatron-Core takes an integer base)")
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind != "llama3":
-        fail(f"rope scaling type {kind!r} is not supported (default, llama3)")
-    for key, value in LLAMA3_ROPE_FIXED.items():
-        if params.get(key) != value:
-            fail(
-                f"rope scaling {key}={params.get(key)!r} is not supported: Megatron-Core's "
-                f"llama3 scaling fixes it at {value}"
-            )
-    return theta, float(params["factor"])
-
-
-def hf_config_from_llm(llm: LLMConfig, dtype: torch.dtype) -> dict:
-    """A Llama (Qwen2 with QKV bias) ``config.json`` for checkpoints that carry none."""
-    qwen = llm.qkv_bias
-    rope_scaling = None
-    if llm.rope_scaling_factor is not None:
-        rope_scaling = {"rope_type": "llama3", "factor": llm.rope_scaling_factor}
-        rope_scaling.update(LLAMA3_ROPE_FIXED)
-    config = {
-        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen else "llama",
-        "hidden_size": llm.hidden_size,
-        "intermediate_size": llm.ffn_hidden_size,
-        "num_hidden_layers": llm.num_layers,
-        "num_attention_heads": llm.num_attention_heads,
-        "num_key_value_heads": llm.num_query_groups,
-        "head_dim": llm.head_dim,
-        "vocab_size": llm.vocab_size,
-        "max_position_embeddings": llm.max_position_embeddings,
-        "rms_norm_eps": llm.norm_epsilon,
-        "hidden_act": "silu",
-        "tie_word_embeddings": llm.tie_embeddings,
-        "rope_theta": llm.rotary_base,
-        "rope_scaling": rope_scaling,
-        "torch_dtype": _dtype_name(dtype),
-    }
-    if qwen:
-        config["use_sliding_window"] = False
-    else:
-        config.update(attention_bias=False, mlp_bias=False)
-    return config
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -195,12 +78,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def write_llm_config(llm: LLMConfig, path: Path, source: str) -> None:
-    fields = (
-        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-        "num_query_groups", "vocab_size", "make_vocab_size_divisible_by",
-        "max_position_embeddings", "rotary_base", "rope_scaling_factor", "norm_epsilon",
-        "qkv_bias", "tie_embeddings",
-    )  # fmt: skip
+    moe = ("num_moe_experts", "moe_")  # fields of MoE LLMs only
+    fields = [
+        name
+        for name in SHAPE_FIELDS + NUMERIC_FIELDS
+        if (llm.is_moe or not name.startswith(moe)) and (name != "kv_channels" or llm.kv_channels)
+    ]
     header = (
         f"# Converted from {source} by `salm convert hf-to-mcore`. Train from it with these\n"
         "# llm.* fields and checkpoint.pretrained_llm (and data.tokenizer) set to this folder.\n"
@@ -217,123 +100,6 @@ def read_llm_config(path: Path) -> LLMConfig:
         return config_from_dict({"llm": data["llm"]}).llm
     except ConfigError as err:
         raise ConversionError(f"{path}: {err}") from None
-
-
-# --------------------------------------------------------------------------------- tensor rules
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """One Megatron tensor (its name in GPTModel's state dict at TP=1) and the Hugging Face
-    tensors it is made of, with their shapes; ``join`` and ``split`` convert both ways."""
-
-    megatron: str
-    hf: tuple[str, ...]
-    hf_shapes: tuple[tuple[int, ...], ...]
-    join: Callable[..., torch.Tensor]
-    split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
-
-
-def _same(megatron: str, hf: str, shape: tuple[int, ...]) -> Rule:
-    return Rule(megatron, (hf,), (shape,), lambda t: t, lambda t: (t,))
-
-
-def _vocab_rows(llm: LLMConfig, megatron: str, hf: str, hf_vocab: int) -> Rule:
-    """Embedding or output layer: zero rows appended up to the padded vocabulary (the rows of
-    tokens conversion adds among them)."""
-    vocab, padded = llm.vocab_size, llm.padded_vocab_size
-
-    def join(t):
-        rows = padded - hf_vocab
-        return torch.cat([t, t.new_zeros(rows, *t.shape[1:])]) if rows else t
-
-    return Rule(megatron, (hf,), ((hf_vocab, llm.hidden_size),), join, lambda t: (t[:vocab],))
-
-
-def _qkv(llm: LLMConfig, megatron: str, hf: tuple[str, str, str], rest: tuple[int, ...]) -> Rule:
-    """q, k, v ``[heads * d, ...]`` -> per query group [its q heads, k, v] stacked."""
-    groups, d = llm.num_query_groups, llm.head_dim
-    q_rows = llm.num_attention_heads // groups * d
-
-    def join(q, k, v):
-        parts = (
-            q.reshape(groups, q_rows, *rest),
-            k.reshape(groups, d, *rest),
-            v.reshape(groups, d, *rest),
-        )
-        return torch.cat(parts, dim=1).reshape(-1, *rest)
-
-    def split(qkv):
-        q, k, v = qkv.reshape(groups, q_rows + 2 * d, *rest).split([q_rows, d, d], dim=1)
-        return tuple(t.reshape(-1, *rest) for t in (q, k, v))
-
-    shapes = ((groups * q_rows, *rest), (groups * d, *rest), (groups * d, *rest))
-    return Rule(megatron, hf, shapes, join, split)
-
-
-def _gate_up(llm: LLMConfig, megatron: str, mlp: str) -> Rule:
-    """SwiGLU gate and up ``[ffn, h]`` -> one ``[2 * ffn, h]`` matrix, gate first."""
-    ffn = llm.ffn_hidden_size
-    shape = (ffn, llm.hidden_size)
-    return Rule(
-        megatron,
-        (f"{mlp}gate_proj.weight", f"{mlp}up_proj.weight"),
-        (shape, shape),
-        lambda gate, up: torch.cat([gate, up]),
-        lambda t: (t[:ffn], t[ffn:]),
-    )
-
-
-def conversion_rules(llm: LLMConfig, hf_vocab: int | None = None) -> list[list[Rule]]:
-    """Every tensor of the model, in groups read together: embedding, each layer, the end.
-    ``hf_vocab``: the Hugging Face vocabulary when it lacks tokens ``llm.vocab_size`` adds."""
-    h, f = llm.hidden_size, llm.ffn_hidden_size
-    heads_dim = llm.num_attention_heads * llm.head_dim
-    hf_vocab = llm.vocab_size if hf_vocab is None else hf_vocab
-    embedding = "embedding.word_embeddings.weight", "model.embed_tokens.weight"
-    groups = [[_vocab_rows(llm, *embedding, hf_vocab)]]
-    for i in range(llm.num_layers):
-        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
-        attn, qkv = f"{hf}self_attn.", f"{mc}self_attention.linear_qkv"
-        layer = [
-            _same(f"{mc}input_layernorm.weight", f"{hf}input_layernorm.weight", (h,)),
-            _qkv(llm, f"{qkv}.weight", tuple(f"{attn}{x}_proj.weight" for x in "qkv"), (h,)),
-            _same(f"{mc}self_attention.linear_proj.weight", f"{attn}o_proj.weight", (h, heads_dim)),
-            _same(f"{mc}pre_mlp_layernorm.weight", f"{hf}post_attention_layernorm.weight", (h,)),
-            _gate_up(llm, f"{mc}mlp.linear_fc1.weight", f"{hf}mlp."),
-            _same(f"{mc}mlp.linear_fc2.weight", f"{hf}mlp.down_proj.weight", (h, f)),
-        ]
-        if llm.qkv_bias:
-            layer.append(_qkv(llm, f"{qkv}.bias", tuple(f"{attn}{x}_proj.bias" for x in "qkv"), ()))
-        groups.append(layer)
-    last = [_same("decoder.final_layernorm.weight", "model.norm.weight", (h,))]
-    if not llm.tie_embeddings:
-        last.append(_vocab_rows(llm, "output_layer.weight", "lm_head.weight", hf_vocab))
-    groups.append(last)
-    return groups
-
-
-def _check_hf_tensors(shapes: dict[str, tuple], rules: list[Rule], llm: LLMConfig, where) -> None:
-    """Every tensor the rules need is there with its shape; nothing unknown is left over."""
-    expected = {name: shape for r in rules for name, shape in zip(r.hf, r.hf_shapes, strict=True)}
-    for name, shape in expected.items():
-        if name not in shapes:
-            raise ConversionError(f"{where}: tensor {name} is missing")
-        if shapes[name] != shape:
-            raise ConversionError(
-                f"{where}: tensor {name} has shape {list(shapes[name])}, expected {list(shape)} "
-                "from config.json"
-            )
-    for name in shapes:
-        if name in expected or name.endswith(IGNORED_SUFFIXES):
-            continue
-        if name == "lm_head.weight" and llm.tie_embeddings:
-            continue  # some tied checkpoints store the output layer too
-        raise ConversionError(f"{where}: unexpected tensor {name} (not a {_family(llm)} weight)")
-
-
-def _family(llm: LLMConfig) -> str:
-    return "Qwen2" if llm.qkv_bias else "Llama/Mistral"
 
 
 # --------------------------------------------------------------------- the checkpoint's layout
@@ -370,20 +136,19 @@ def checkpoint_layout(llm: LLMConfig, prefix: str = "") -> dict:
     return model.sharded_state_dict(prefix=prefix)
 
 
-def _layer_of(name: str) -> int:
-    return int(name.split("decoder.layers.", 1)[1].split(".", 1)[0])
-
-
-def _filled(entry, name: str, tensor: torch.Tensor, llm: LLMConfig) -> ShardedTensor:
+def _filled(entry, name: str, tensor: torch.Tensor) -> ShardedTensor:
     """``entry`` of the layout holding ``tensor``. SwiGLU's factory (which splits gate and up
-    into two views, each copied when saved) becomes one tensor of the same global shape."""
+    into two views, each copied when saved) becomes one tensor of the same global shape, at the
+    same place on the axes stacked in front of it (the layer; an expert's layer and index)."""
     if isinstance(entry, ShardedTensorFactory):
+        gate = entry.build()[0]
+        stacked = range(gate.prepend_axis_num)
         return ShardedTensor.from_rank_offsets(
             entry.key,
             tensor,
-            (0, _layer_of(name), llm.num_layers),
+            *((axis, gate.global_offset[axis], gate.global_shape[axis]) for axis in stacked),
             replica_id=entry.replica_id,
-            prepend_axis_num=1,
+            prepend_axis_num=gate.prepend_axis_num,
         )
     if tuple(tensor.shape) != tuple(entry.local_shape):
         raise ConversionError(
@@ -411,14 +176,14 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, extra_tokens: int | None = 
     hf_config["vocab_size"] = llm.vocab_size  # the config.json beside describes what is written
     weights = SafetensorsFolder(hf_dir)
     rules = [rule for group in conversion_rules(llm, source.vocab_size) for rule in group]
-    _check_hf_tensors(weights.names_and_shapes(), rules, llm, hf_dir)
+    check_hf_tensors(weights.names_and_shapes(), rules, llm, hf_dir)
 
     with atomic_folder(out) as tmp, single_process():
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
         try:
             converted = _convert_shards(weights, rules, staging)
             layout = checkpoint_layout(llm)
-            sharded = {name: _filled(layout[name], name, t, llm) for name, t in converted.items()}
+            sharded = {name: _filled(layout[name], name, t) for name, t in converted.items()}
             sharded.update({k: v for k, v in layout.items() if k not in sharded})  # extra state
             log.info("saving the dist checkpoint (%d tensors)", len(converted))
             dist_checkpointing.save(sharded, str(tmp))
@@ -429,7 +194,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, extra_tokens: int | None = 
         copied = copy_tokenizer(hf_dir, tmp)
         if not any(name.startswith("tokenizer") for name in copied):
             log.warning("%s holds no tokenizer files; none copied", hf_dir)
-    log.info("wrote %s (%d tensors, %s)", out, len(rules), _family(llm))
+    log.info("wrote %s (%d tensors, %s)", out, len(rules), family_of(llm).name)
     return llm
 
 
@@ -548,15 +313,29 @@ def _checkpoint_reader(path: Path, llm: LLMConfig, prefix: str):
 
     def read(names: list[str]) -> dict[str, torch.Tensor]:
         regions = {name: region(name) for name in names}
+        # One box per checkpoint key around the regions read from it: a layer's experts are
+        # one tensor, each expert a region of it.
+        boxes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (low, high) corners
+        for key, offset, size, _ in regions.values():
+            low, high = torch.tensor(offset), torch.tensor(offset) + torch.tensor(size)
+            if key in boxes:
+                low, high = torch.minimum(boxes[key][0], low), torch.maximum(boxes[key][1], high)
+            boxes[key] = low, high
         state = {
-            key: torch.empty(size, dtype=saved[key].properties.dtype)
-            for key, _, size, _ in regions.values()
+            key: torch.empty((high - low).tolist(), dtype=saved[key].properties.dtype)
+            for key, (low, high) in boxes.items()
         }
-        offsets = {key: offset for key, offset, _, _ in regions.values()}
+        offsets = {key: tuple(low.tolist()) for key, (low, _) in boxes.items()}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, storage_reader=reader, planner=_RegionPlanner(offsets), no_dist=True)
-        return {name: state[key].view(shape) for name, (key, _, _, shape) in regions.items()}
+
+        def cut(key, offset, size, shape) -> torch.Tensor:
+            start = (torch.tensor(offset) - boxes[key][0]).tolist()
+            box = tuple(slice(a, a + n) for a, n in zip(start, size, strict=True))
+            return state[key][box].reshape(shape)
+
+        return {name: cut(*region) for name, region in regions.items()}
 
     return read
 
@@ -732,9 +511,7 @@ def _holds_tokenizer(path: Path) -> bool:
 def _shape_differs(config: dict, source: MegatronSource) -> bool:
     """Whether ``config.json`` gives another model shape than the checkpoint's llm.* fields."""
     a, b = llm_config_from_hf(config, str(source.hf_config)), source.llm
-    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-            "num_query_groups", "vocab_size", "qkv_bias", "tie_embeddings")  # fmt: skip
-    return any(getattr(a, k) != getattr(b, k) for k in keys)
+    return any(getattr(a, k) != getattr(b, k) for k in SHAPE_FIELDS)
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -761,9 +538,9 @@ def _run(prog: str, work: Callable[[], object]) -> int:
 def hf_to_mcore_main(argv: list[str]) -> int:
     parser = _parser(
         "salm convert hf-to-mcore",
-        "Hugging Face Llama 2/3.x, Mistral or Qwen2/2.5 folder -> Megatron dist checkpoint of "
-        "the LLM (for checkpoint.pretrained_llm; loads at any TP/PP), with llm.yaml, the HF "
-        "config.json and the tokenizer beside it.",
+        "Hugging Face Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3 or Qwen3-MoE folder -> Megatron "
+        "dist checkpoint of the LLM (for checkpoint.pretrained_llm; loads at any TP/PP/EP), with "
+        "llm.yaml, the HF config.json and the tokenizer beside it.",
         "example: salm convert hf-to-mcore --hf hf/Llama-3.2-1B --out ckpt/llama3.2-1b",
     )
     parser.add_argument("--hf", required=True, help="local Hugging Face model folder")

@@ -61,18 +61,16 @@ from .hf_io import (
     refuse_links,
 )
 from .hf_llm import (
-    HF_CONFIG_FILE,
-    _check_hf_tensors,
     _checkpoint_reader,
     _convert_shards,
     _parser,
     _run,
-    conversion_rules,
-    llm_config_from_hf,
     mcore_to_hf,
     single_process,
     write_token_ids,
 )
+from .llm_families import HF_CONFIG_FILE, llm_config_from_hf
+from .llm_rules import check_hf_tensors, conversion_rules
 
 log = logging.getLogger("salm.convert")
 
@@ -280,7 +278,7 @@ def import_speech_model(hf: str | Path, out: str | Path) -> Path:
     speech = _read_speech_weights(hf / SPEECH_WEIGHTS, cfg)
     weights = SafetensorsFolder(hf)
     rules = [rule for group in conversion_rules(cfg.llm) for rule in group]
-    _check_hf_tensors(weights.names_and_shapes(), rules, cfg.llm, hf)
+    check_hf_tensors(weights.names_and_shapes(), rules, cfg.llm, hf)
 
     with atomic_folder(out) as tmp, single_process():
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=tmp))

@@ -3,8 +3,9 @@
 Megatron-Core assumes a GPU in a handful of places: it calls ``torch.cuda.current_device()`` and
 ``torch.cuda.synchronize()``, makes tensors with ``device="cuda"`` (or in pinned memory) in the
 schedules, DDP buffers, optimizers, grad clipping, context-parallel RoPE and the MoE auxiliary-loss
-tracker, copies the MoE all-to-all dispatcher's split sizes to the host on a side CUDA stream
-(here every op is synchronous, so streams and their events become no-ops), asserts
+tracker, copies the MoE all-to-all dispatcher's split sizes to the host (as NumPy arrays) on a
+side CUDA stream (here they are there already, and every op is synchronous, so streams and their
+events become no-ops; the NumPy conversion stays), asserts
 ``Tensor.type()`` strings such as ``'torch.cuda.FloatTensor'`` in the optimizers, and forks (and,
 for activation recompute, saves and restores) the CUDA RNG.
 :func:`apply` routes each of those to the CPU. :func:`salm_megatron.parallel.initialize` calls
@@ -111,6 +112,12 @@ class _CudaStreamsOnHost(types.ModuleType):
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
+
+
+def _to_numpy_on_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """Megatron's ``maybe_move_tensor_to_cpu`` for tensors already on the host: the copy is
+    nothing, the NumPy view it would make stays (``all_to_all_single`` takes those as sizes)."""
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
 
 
 class _TorchOnHost(types.ModuleType):
@@ -239,7 +246,9 @@ def apply() -> bool:
     for name in _MODULES_WITH_CUDA_LITERALS:
         importlib.import_module(name).torch = host_torch
     for name in _MODULES_WITH_CUDA_STREAMS:
-        importlib.import_module(name).torch = _TorchOnHost(streams=True)
+        module = importlib.import_module(name)
+        module.torch = _TorchOnHost(streams=True)
+        module.maybe_move_tensor_to_cpu = _to_numpy_on_host
 
     for module_name, path in _CUDA_TYPE_CHECKERS:
         _patch_attribute_path(importlib.import_module(module_name), path, _with_cuda_type_names)

@@ -1,8 +1,9 @@
 """Worker for test_convert_llm_parallel.py: checkpoints from ``salm convert hf-to-mcore`` loaded
-at TP=2 and then at PP=2 (one launch); each layout's logits compared with transformers'.
+at each of ``--layouts`` in turn (one launch); each layout's logits compared with transformers'.
+Expert-parallel layouts apply to the MoE cases only.
 
-Run under torchrun with 2 processes. ``--workdir`` holds one folder per case: ``mcore/`` (the
-converted checkpoint) and ``reference.pt`` (transformers' logits and the input ids).
+Run under torchrun (2 processes; 4 for tp2ep2). ``--workdir`` holds one folder per case:
+``mcore/`` (the converted checkpoint) and ``reference.pt`` (transformers' logits and input ids).
 """
 
 import argparse
@@ -17,11 +18,16 @@ from salm_megatron.config import ParallelConfig
 from salm_megatron.convert.hf_llm import LLM_CONFIG_FILE, read_llm_config
 from salm_megatron.llm import build_llm_chunks
 from salm_megatron.training.checkpoint import load_pretrained
+from tests.hf_llm_fixtures import MOE_CASES
 from tests.parallel.llm_worker import run
 
 LAYOUTS = {
     "tp2": ParallelConfig(tensor_model_parallel_size=2),
     "pp2": ParallelConfig(pipeline_model_parallel_size=2),
+    # The two data-parallel ranks hold two experts each; tokens travel by all-to-all.
+    "ep2": ParallelConfig(expert_model_parallel_size=2),
+    # Attention split over 2 TP ranks, experts over 2 EP ranks, each expert over 2 (ETP = TP).
+    "tp2ep2": ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2),
 }
 
 
@@ -47,11 +53,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--cases", nargs="+", required=True)
+    ap.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), required=True)
     args = ap.parse_args()
     errors = {}
-    for name, layout in LAYOUTS.items():
+    for name in args.layouts:
+        layout = LAYOUTS[name]
         parallel.initialize(layout)
-        for case in args.cases:
+        experts = layout.expert_model_parallel_size > 1
+        for case in [c for c in args.cases if (c in MOE_CASES) >= experts]:
             error = logits_error(args.workdir / case, layout)
             if error is not None:
                 errors[f"{name}/{case}"] = error

@@ -21,12 +21,53 @@ PUBLISHED_PARAMETERS = {
     "llama3-8b": 8_030_261_248,
     "llama3-70b": 70_553_706_496,
     "qwen2.5-7b": 7_615_616_512,
+    "qwen3-8b": 8_190_735_360,
+    "qwen3-30b-a3b": 30_532_122_624,
 }
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED_PARAMETERS))
 def test_presets_have_the_published_shapes(name):
     assert llm_preset(name).num_parameters() == PUBLISHED_PARAMETERS[name]
+
+
+def test_qwen3_presets_count_as_their_model_cards_do():
+    # Qwen3-1.7B ties its embeddings: 1.7B in all, 1.4B without them; its hub files hold the
+    # output layer too (2.03B stored).
+    small = llm_preset("qwen3-1.7b")
+    embedding = small.vocab_size * small.hidden_size
+    assert small.num_parameters() == 1_720_574_976
+    assert small.num_parameters() - embedding == 1_409_410_048
+    assert small.num_parameters() + embedding == 2_031_739_904
+    # Qwen3-30B-A3B: 3.3B active (8 of 128 experts per token).
+    assert llm_preset("qwen3-30b-a3b").num_active_parameters() == 3_353_032_704
+    assert llm_preset("qwen3-8b").num_active_parameters() == 8_190_735_360
+
+
+def test_moe_fields_and_expert_layouts_are_checked():
+    moe = llm_preset("tiny-moe")
+    for fields, words in [
+        ({"moe_router_topk": 5}, "llm.moe_router_topk=5 is more than llm.num_moe_experts=4"),
+        ({"moe_router_topk": 1}, "llm.moe_router_topk=1 with llm.moe_router_norm_topk=true"),
+        ({"moe_token_dispatcher": "flex"}, "llm.moe_token_dispatcher='flex' is not one of"),
+        ({"num_moe_experts": 0}, "llm.num_moe_experts"),
+        ({"kv_channels": 0}, "llm.kv_channels"),
+        ({"recompute": "selective", "recompute_modules": ["mlp"]}, "'mlp' needs dense MLP"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            llm_preset("tiny-moe", **fields)
+    with pytest.raises(ConfigError, match="'moe' needs MoE layers"):
+        LLMConfig(recompute="selective", recompute_modules=["moe"])
+    ep = ParallelConfig(expert_model_parallel_size=3)
+    with pytest.raises(ConfigError, match="llm.num_moe_experts=4 is not divisible by "):
+        Config(llm=moe, parallel=ep).validate_layout()
+    with pytest.raises(ConfigError, match="expert_model_parallel_size=2 needs MoE layers"):
+        Config(parallel=ParallelConfig(expert_model_parallel_size=2)).validate_layout()
+    with pytest.raises(ConfigError, match="does not divide the 3 ranks of a pipeline stage"):
+        ParallelConfig(expert_model_parallel_size=2).validate_world(3)
+    etp = ParallelConfig(expert_model_parallel_size=2, expert_tensor_parallel_size=5)
+    with pytest.raises(ConfigError, match="moe_ffn_hidden_size=48 is not divisible"):
+        Config(llm=moe, parallel=etp).validate_layout()
 
 
 def test_vocab_padding_does_not_depend_on_tp():

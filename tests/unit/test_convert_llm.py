@@ -1,6 +1,6 @@
-"""Proves hf-to-mcore gives transformers' logits at TP=1, mcore-to-hf round-trips every tensor
-bitwise into a folder transformers loads (a LoRA run merged in its own dtype, with its tokenizer's
-token ids), and bad input fails naming the field or tensor."""
+"""Proves hf-to-mcore gives transformers' logits at TP=1 (Llama 3, Qwen2, Qwen3, Qwen3-MoE),
+mcore-to-hf round-trips every tensor bitwise into a folder transformers loads (a LoRA run merged in
+its own dtype, with its tokenizer's token ids), and bad input fails naming the field or tensor."""
 
 import dataclasses
 import json
@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from salm_megatron.config import ParallelConfig
 from salm_megatron.convert import commands
 from salm_megatron.convert.hf_io import ConversionError
-from salm_megatron.convert.hf_llm import hf_to_mcore, llm_config_from_hf, mcore_to_hf
+from salm_megatron.convert.hf_llm import hf_to_mcore, mcore_to_hf
+from salm_megatron.convert.llm_families import hf_config_from_llm, llm_config_from_hf
 from salm_megatron.llm import build_llm
 from salm_megatron.training.checkpoint import load_pretrained
 from tests.hf_llm_fixtures import CASES, SEQ, convert_cases
@@ -134,6 +135,35 @@ def test_cli_and_clear_errors(converted, tmp_path, capsys):
     )
     assert not (tmp_path / "y").exists()
     assert set(CASES) == set(converted)
+
+
+def test_qwen3_families_read_their_config_and_refuse_what_they_cannot_hold(converted, tmp_path):
+    """Qwen3's wide heads and query/key norms and Qwen3-MoE's router come from config.json; a
+    config written for a checkpoint that has none round-trips through the family table; the
+    settings our decoder does not compute are refused by name."""
+    moe_config = json.loads((converted["qwen3_moe"]["dir"] / "hf" / "config.json").read_text())
+    moe = llm_config_from_hf(moe_config)
+    assert (moe.kv_channels, moe.qk_layernorm, moe.qkv_bias) == (32, True, False)
+    assert (moe.num_moe_experts, moe.moe_router_topk, moe.moe_ffn_hidden_size) == (4, 2, 48)
+    assert moe.moe_router_norm_topk and moe.moe_aux_loss_coeff == 0.001
+    dense = converted["qwen3"]["llm"]
+    assert (dense.kv_channels, dense.qk_layernorm, dense.is_moe) == (32, True, False)
+    for llm in (moe, dense):
+        written = hf_config_from_llm(llm, torch.float32)
+        assert llm_config_from_hf(written) == llm
+        transformers.AutoConfig.for_model(**written)  # a config transformers reads
+    assert hf_config_from_llm(moe, torch.float32)["architectures"] == ["Qwen3MoeForCausalLM"]
+    for change, words in [
+        ({"decoder_sparse_step": 2}, "decoder_sparse_step=2 is not supported for Qwen3-MoE"),
+        ({"mlp_only_layers": [1]}, r"mlp_only_layers=\[1\] is not supported"),
+        ({"use_sliding_window": True}, "use_sliding_window=True is not supported"),
+        ({"attention_bias": True}, "attention_bias=True is not supported"),
+        ({"num_experts_per_tok": 8}, "moe_router_topk=8 is more than llm.num_moe_experts=4"),
+    ]:
+        with pytest.raises(ConversionError, match=words):
+            llm_config_from_hf({**moe_config, **change})
+    with pytest.raises(ConversionError, match="no Hugging Face family has layers with"):
+        hf_config_from_llm(dataclasses.replace(moe, qk_layernorm=False), torch.float32)
 
 
 def test_export_of_a_lora_training_checkpoint(converted, tmp_path, single_rank):
