@@ -88,6 +88,17 @@ def _matmul_weights(module: torch.nn.Module | None) -> int:
     return sum(p.numel() for p in module.parameters() if p.dim() >= 2)
 
 
+def decoder_weights_per_token(model) -> float:
+    """The LLM decoder's matmul weights one position goes through: with MoE, its router's
+    top k of each layer's experts (the others' weights are not multiplied with it)."""
+    decoder, llm = model.llm.decoder, model.cfg.llm
+    weights = _matmul_weights(decoder)
+    if llm.is_moe:
+        experts = sum(p.numel() for n, p in decoder.named_parameters() if ".experts." in n)
+        weights -= experts * (1 - llm.moe_router_topk / llm.num_moe_experts)
+    return weights
+
+
 def training_flops(model, batch: dict, length: int) -> float:
     """Matmul FLOPs of one forward + backward (3 forwards' worth): per LLM position 2 per
     decoder weight, the output layer and causal attention (QK and AV over half the sequence on
@@ -99,9 +110,7 @@ def training_flops(model, batch: dict, length: int) -> float:
     cfg, host = model.cfg, on_host(batch)
     llm, b = cfg.llm, host["input_ids"].shape[0]
     positions = b * length
-    per_position = 2 * (
-        _matmul_weights(model.llm.decoder) + llm.padded_vocab_size * llm.hidden_size
-    )
+    per_position = 2 * (decoder_weights_per_token(model) + llm.padded_vocab_size * llm.hidden_size)
     attention = 2 * llm.num_layers * b * length * length * llm.num_attention_heads * llm.head_dim
     frames = int(model.encoder_frames(host["audio_lengths"]).sum())
     audio = 2 * _matmul_weights(model.audio) * frames

@@ -41,7 +41,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .bench import _free, _matmul_weights, _model, _sync, _time, one_process, peak_tflops
+from .bench import (
+    _free,
+    _matmul_weights,
+    _model,
+    _sync,
+    _time,
+    decoder_weights_per_token,
+    one_process,
+    peak_tflops,
+)
 from .config import Config, ConfigError, apply_overrides
 from .data import SpeechSample, collate
 from .data.batching import BucketBatcher, ListSource, llm_sequence_length, token_cost
@@ -152,7 +161,7 @@ def useful_flops(cfg: Config, model, samples: list) -> float:
     token 2 per weight of BESTOW's block."""
     llm, lengths = cfg.llm, [llm_sequence_length(cfg)(s) for s in samples]
     output_layer = llm.padded_vocab_size * llm.hidden_size
-    per_position = 2 * (_matmul_weights(model.llm.decoder) + output_layer)
+    per_position = 2 * (decoder_weights_per_token(model) + output_layer)
     attention = 2 * llm.num_layers * llm.num_attention_heads * llm.head_dim
     frames = int(model.encoder_frames(torch.tensor([len(s.audio[0]) for s in samples])).sum())
     block = 2 * _matmul_weights(getattr(model, "cross_attention", None))

@@ -1,7 +1,9 @@
 """Proves `salm bench-train` trains every configuration on a tiny model and prints its table
 (samples/s, audio s/s, useful-token fraction, TFLOP/s, MFU), with naive padding wasting at least
-as much as bucketing on the same samples, and that its corpus is LibriSpeech-like."""
+as much as bucketing on the same samples, that its corpus is LibriSpeech-like, and that a MoE
+token's FLOPs count its top-k experts only."""
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -84,3 +86,17 @@ def test_hugging_face_baseline_reads_the_sequences_our_layout_makes():
         at = sample.input_ids.index(cfg.placeholder_id)
         frames = llm_sequence_length(cfg)(sample) - len(sample.input_ids) + 1
         torch.testing.assert_close(embeds[i, at : at + frames], audio[i, :frames])
+
+
+def test_a_moe_token_is_counted_through_its_top_k_experts_only(single_rank):
+    from salm_megatron.bench import decoder_weights_per_token
+    from salm_megatron.config import llm_preset
+    from salm_megatron.models import build_speech_llm
+    from tests.speech_fixtures import tiny_config
+
+    llm = llm_preset("tiny-moe", transformer_impl="local")
+    (model,) = build_speech_llm(dataclasses.replace(tiny_config("salm"), llm=llm))
+    h, f, d = llm.hidden_size, llm.expert_ffn_hidden_size, llm.head_dim
+    q, kv = llm.num_attention_heads * d, llm.num_query_groups * d
+    per_layer = h * (q + 2 * kv) + q * h + llm.num_moe_experts * h + 2 * 3 * h * f  # top 2
+    assert decoder_weights_per_token(model) == llm.num_layers * per_layer
