@@ -82,7 +82,7 @@ PADDING = "llm_vocab_padding."  # + the LLM tensor whose rows beyond llm.vocab_s
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 # Config sections a speech model needs besides the LLM (whole), and the data facts decoding needs.
 SECTIONS = ("model", "encoder", "adapter", "bestow", "lora", "decode")
-DATA_FIELDS = ("prompt_format", "min_duration", "max_duration")
+DATA_FIELDS = ("prompt_format", "chat_template_kwargs", "min_duration", "max_duration")
 
 
 class SpeechParts(torch.nn.Module):

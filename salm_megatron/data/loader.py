@@ -6,6 +6,8 @@ A shard is a webdataset tar: each sample is ``<key>.flac`` (or ``.wav``, ``.ogg`
 ``duration`` and any extra fields (kept in ``extra``). A sample with neither ``task`` nor
 ``context`` is a bare transcript, ASR by NeMo's manifest convention (``default_task``); a sample
 without a context is prompted with ``default_context``, else its task's default instruction.
+A sample whose JSON has ``conversation`` is a conversation: its turns there, its audio segments
+``<key>.0.flac``, ``<key>.1.flac``, ... (none: text only); see ``data/conversation.py``.
 
 Pipeline of one consumer (one DataLoader worker of one DP rank), per epoch:
 
@@ -60,6 +62,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .audio_io import AudioError, decode
+from .conversation import conversation_sample
 from .prompts import instruction
 
 logger = logging.getLogger(__name__)
@@ -74,6 +77,7 @@ SKIP_REASONS = (
     "bad_audio",  # undecodable, truncated or without samples (AudioError)
     "no_json",  # no .json member for the key
     "bad_json",  # not a JSON object, or answer/context/task/lang not a string
+    "bad_conversation",  # a conversation's turns malformed, or audio no turn names
     "no_answer",  # JSON without answer or text
     "empty_answer",  # answer is blank (when drop_empty_answer)
     "no_instruction",  # no context, no default_context, and no default instruction for its task
@@ -397,6 +401,12 @@ class SampleStream(IterableDataset):
 
     def _make_sample(self, shard: str, key: str, members: dict[str, bytes]):
         """The sample dict, or the skip reason and a detail."""
+        conversation = conversation_sample(
+            shard, key, members, sample_rate=self.sample_rate, min_duration=self.min_duration,
+            max_duration=self.max_duration, drop_empty_answer=self.drop_empty_answer,
+        )  # fmt: skip
+        if conversation is not None:
+            return conversation
         audio_ext = next((e for e in AUDIO_EXTENSIONS if e in members), None)
         if audio_ext is None:
             return "no_audio", f"no {'/'.join(AUDIO_EXTENSIONS)} member (has {sorted(members)})"

@@ -4,6 +4,12 @@ The prompt (instruction, chat headers, audio placeholders) is context; the answe
 token (EOS, or ``<|eot_id|>`` for Llama 3 chat) are what the model learns to produce, so only they
 are marked in ``answer_mask``. SALM prompts carry one audio placeholder per segment at the start
 of the user turn; BESTOW prompts carry none (``audio_segments=0``).
+
+Formats: ``plain``, ``llama2`` and ``llama3`` are written here, for one user turn and its answer;
+``chat`` renders the tokenizer's own chat template (``data/chat.py``), for any conversation
+(system, user and assistant turns, audio where it sits in a user turn). :func:`conversation_prompt`
+takes a conversation in any format (the hand-written ones: a user turn and its answer, their
+placeholders at the start of the user's turn).
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import PROMPT_FORMATS
+from .chat import chat_template
+from .conversation import Message, single_turn, with_system
 from .tokenizers import Tokenizer
 
 # Used when a sample has no context of its own.
@@ -57,6 +65,8 @@ def build_prompt(
     the answer go, so the pieces are the ones the LLM saw in pretraining (Llama 2's ``▁four``
     after ``[/INST]``, not a stray ``▁`` before it); ``answer=""`` gives the same prompt ids.
     """
+    if fmt == "chat":
+        return conversation_prompt(tokenizer, fmt, single_turn(context, answer, audio_segments))[0]
     audio = [tokenizer.audio_token_id] * audio_segments
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     context, answer = context.strip(), answer.strip()
@@ -90,10 +100,67 @@ def build_prompt(
 
 
 def generation_prompt(
-    tokenizer: Tokenizer, fmt: str, context: str, audio_segments: int = 1
+    tokenizer: Tokenizer,
+    fmt: str,
+    context: str,
+    audio_segments: int = 1,
+    system: Optional[str] = None,
+    variables: Optional[dict] = None,
 ) -> tuple[list[int], int]:
     """The tokens a model continues to answer (everything before the answer), and the token
-    that ends an answer in ``fmt`` (EOS, or ``<|eot_id|>`` for Llama 3)."""
+    that ends an answer in ``fmt`` (EOS, ``<|eot_id|>`` for Llama 3, the chat template's
+    end-of-turn token). ``system`` opens the prompt with a system turn (``chat`` only);
+    ``variables``: the chat template's ``data.chat_template_kwargs``."""
+    if fmt == "chat":
+        messages = with_system(single_turn(context, None, audio_segments), system)
+        template = chat_template(tokenizer, variables)
+        return template.encode(messages, add_generation_prompt=True).input_ids, template.end_id
+    no_system_prompt(fmt, system)
     prompt = build_prompt(tokenizer, fmt, context, "", audio_segments)
     start = prompt.answer_mask.index(1)
     return prompt.input_ids[:start], prompt.input_ids[-1]
+
+
+def no_system_prompt(fmt: str, system: Optional[str]) -> None:
+    if system:
+        raise ValueError(
+            f"a system prompt ({system!r}, decode.system_prompt) needs data.prompt_format=chat "
+            f"(the tokenizer's chat template); data.prompt_format={fmt!r} has no system turn"
+        )
+
+
+def conversation_prompt(
+    tokenizer: Tokenizer,
+    fmt: str,
+    messages: list[Message],
+    *,
+    audio: bool = True,
+    loss_on: str = "all",
+    variables: Optional[dict] = None,
+    add_generation_prompt: bool = False,
+) -> tuple[Prompt, list[int]]:
+    """Ids and answer mask of a conversation, and the segment of each audio placeholder in the
+    order of the ids (``audio=False``, BESTOW: no placeholders). ``add_generation_prompt``: a
+    prompt to continue (``messages`` end before the answer). ``loss_on``: every assistant turn
+    learned, or the last (``data.loss_on``). Hand-written formats take one user turn and its
+    answer (or the user turn alone, to continue), its placeholders at the start of its turn."""
+    if fmt == "chat":
+        template = chat_template(tokenizer, variables)
+        chat = template.encode(
+            messages, loss_on=loss_on, audio=audio, add_generation_prompt=add_generation_prompt
+        )
+        return Prompt(chat.input_ids, chat.answer_mask), chat.audio_order
+    roles = [m.role for m in messages]
+    no_system_prompt(fmt, next((m.text for m in messages if m.role == "system"), None))
+    if roles != ["user", "assistant"][: 1 if add_generation_prompt else 2]:
+        raise ValueError(
+            f"data.prompt_format={fmt!r} writes one user turn and its answer; this conversation "
+            f"has turns {', '.join(roles)}: use data.prompt_format=chat (the tokenizer's own chat "
+            "template)"
+        )
+    user = messages[0]
+    order = list(user.audio) if audio else []
+    if add_generation_prompt:
+        ids, _ = generation_prompt(tokenizer, fmt, user.text, len(order))
+        return Prompt(ids, [0] * len(ids)), order
+    return build_prompt(tokenizer, fmt, user.text, messages[1].text, len(order)), order

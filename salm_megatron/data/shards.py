@@ -7,6 +7,12 @@ shuffles the rows with ``--seed``, lets ``--workers`` processes decode and re-en
 (``imap``: results come back in the shuffled order, so the shards do not depend on the number of
 workers), and writes the shards itself. A shard is written as ``shard-NNNNNN.tar.tmp`` and renamed
 when complete; ``index.json`` is written last, so a run that stopped early has none.
+
+A NeMo multi-turn conversation row (``conversations``, see :mod:`.manifest`) becomes one sample:
+``<key>.0.flac``, ``<key>.1.flac``, ... (each audio turn's segment, in order; none for a
+text-only conversation) and ``<key>.json`` with ``conversation`` (the turns, audio parts naming
+their segment: see :mod:`.conversation`), the row's other fields and the ``duration`` of all its
+audio. A conversation with a bad audio turn is a bad row, named by that turn's file.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import webdataset as wds
 
 from ..config import ConfigError
 from .audio_io import AudioError, decode, encode_flac
-from .manifest import REASONS, BadRow, ManifestRow, key_prefixes, read_manifest
+from .conversation import conversation_json
+from .manifest import REASONS, BadRow, ConversationRow, ManifestRow, key_prefixes, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +126,43 @@ class EncodedSample:
     """A converted row, as it goes into the tar."""
 
     key: str
-    flac: bytes
+    audio: dict[str, bytes]  # member extension -> FLAC bytes: "flac", or "0.flac", "1.flac", ...
     meta: bytes  # the .json member
     seconds: float
 
 
-def encode_row(row: ManifestRow, sample_rate: int = 16000) -> EncodedSample | BadRow:
+def _read_segment(bad, audio: str, offset: float, duration: float | None, sample_rate: int):
+    """The waveform of ``audio`` from ``offset`` for ``duration`` seconds, or the :class:`BadRow`
+    (``bad(reason, message)``) saying why not."""
+    if not os.path.isfile(audio):
+        return bad("missing_file", f"audio file {audio} not found")
+    try:
+        info = soundfile.info(audio)
+        length = info.frames / info.samplerate
+    except Exception as err:  # soundfile raises several types for files it cannot parse
+        return bad("unreadable_audio", f"{audio}: cannot read audio ({err})")
+    if offset >= length:
+        return bad(
+            "offset_past_end",
+            f"offset {offset} s is at or past the end of {audio} ({length:.3f} s)",
+        )
+    if duration is not None:
+        if offset + duration > length + SEGMENT_SLACK_S:
+            return bad(
+                "segment_past_end",
+                f"offset {offset} s + duration {duration} s runs past the end of {audio} "
+                f"({length:.3f} s)",
+            )
+        duration = min(duration, length - offset)
+    try:
+        return decode(audio, sample_rate, offset=offset, duration=duration)
+    except AudioError as err:
+        return bad("unreadable_audio", str(err))
+
+
+def encode_row(
+    row: ManifestRow | ConversationRow, sample_rate: int = 16000
+) -> EncodedSample | BadRow:
     """Decode the row's segment, re-encode it as FLAC and build its JSON; or say why not.
 
     Runs in the worker processes, so it returns bad rows instead of raising."""
@@ -132,31 +170,11 @@ def encode_row(row: ManifestRow, sample_rate: int = 16000) -> EncodedSample | Ba
     def bad(reason: str, message: str) -> BadRow:
         return BadRow(reason, row.manifest, row.line, message)
 
-    if not os.path.isfile(row.audio):
-        return bad("missing_file", f"audio file {row.audio} not found")
-    try:
-        info = soundfile.info(row.audio)
-        length = info.frames / info.samplerate
-    except Exception as err:  # soundfile raises several types for files it cannot parse
-        return bad("unreadable_audio", f"{row.audio}: cannot read audio ({err})")
-    if row.offset >= length:
-        return bad(
-            "offset_past_end",
-            f"offset {row.offset} s is at or past the end of {row.audio} ({length:.3f} s)",
-        )
-    duration = row.duration
-    if duration is not None:
-        if row.offset + duration > length + SEGMENT_SLACK_S:
-            return bad(
-                "segment_past_end",
-                f"offset {row.offset} s + duration {duration} s runs past the end of {row.audio} "
-                f"({length:.3f} s)",
-            )
-        duration = min(duration, length - row.offset)
-    try:
-        wave = decode(row.audio, sample_rate, offset=row.offset, duration=duration)
-    except AudioError as err:
-        return bad("unreadable_audio", str(err))
+    if isinstance(row, ConversationRow):
+        return _encode_conversation(row, bad, sample_rate)
+    wave = _read_segment(bad, row.audio, row.offset, row.duration, sample_rate)
+    if isinstance(wave, BadRow):
+        return wave
     seconds = len(wave) / sample_rate
     meta = {"answer": row.answer}
     if row.context is not None:
@@ -165,9 +183,28 @@ def encode_row(row: ManifestRow, sample_rate: int = 16000) -> EncodedSample | Ba
     meta["duration"] = round(seconds, 6)
     return EncodedSample(
         key=row.key,
-        flac=encode_flac(wave, sample_rate),
+        audio={"flac": encode_flac(wave, sample_rate)},
         meta=json.dumps(meta, ensure_ascii=False).encode("utf-8"),
         seconds=seconds,
+    )
+
+
+def _encode_conversation(row: ConversationRow, bad, sample_rate: int) -> EncodedSample | BadRow:
+    audio, samples = {}, 0
+    for i, segment in enumerate(row.segments):
+        wave = _read_segment(bad, segment.audio, segment.offset, segment.duration, sample_rate)
+        if isinstance(wave, BadRow):
+            return wave
+        audio[f"{i}.flac"] = encode_flac(wave, sample_rate)
+        samples += len(wave)
+    said = {i: s.transcript for i, s in enumerate(row.segments) if s.transcript is not None}
+    meta = {"conversation": conversation_json(list(row.messages), said), **row.extra}
+    meta["duration"] = round(samples / sample_rate, 6)
+    return EncodedSample(
+        key=row.key,
+        audio=audio,
+        meta=json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+        seconds=samples / sample_rate,
     )
 
 
@@ -182,7 +219,7 @@ class _ShardSink:
         self.tmp = None
 
     def add(self, sample: EncodedSample) -> None:
-        members = _member_bytes(len(sample.flac)) + _member_bytes(len(sample.meta))
+        members = sum(_member_bytes(len(b)) for b in (*sample.audio.values(), sample.meta))
         if self.writer is not None and _tar_bytes(self.members + members) > self.max_bytes:
             self.close()
         if self.writer is None:
@@ -191,7 +228,7 @@ class _ShardSink:
             # mtime fixed: the same input gives byte-identical shards
             self.writer = wds.TarWriter(str(self.tmp), encoder=False, mtime=0)
             self.name, self.count, self.members, self.seconds = name, 0, 0, 0.0
-        self.writer.write({"__key__": sample.key, "flac": sample.flac, "json": sample.meta})
+        self.writer.write({"__key__": sample.key, **sample.audio, "json": sample.meta})
         self.count += 1
         self.members += members
         self.seconds += sample.seconds
@@ -298,7 +335,7 @@ def write_shards(config: ShardsConfig, progress_stream=None) -> dict:
             if len(listed) == _MAX_LISTED_BAD_ROWS:
                 log.warning("further bad rows are counted but not listed")
 
-    rows: list[ManifestRow] = []
+    rows: list[ManifestRow | ConversationRow] = []
     read = 0
     for manifest, prefix in zip(config.manifests, key_prefixes(config.manifests), strict=True):
         for row in read_manifest(manifest, prefix):
@@ -380,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="salm shards",
         description="Convert NeMo-style JSONL manifests (audio_filepath, duration, offset, "
-        "text/answer, context/question, other fields kept) into shuffled webdataset shards of "
-        "16 kHz mono FLAC + JSON, and DIR/index.json.",
+        "text/answer, context/question, other fields kept; or NeMo speechlm2 multi-turn "
+        "conversations: id, conversations of from/type/value turns) into shuffled webdataset "
+        "shards of 16 kHz mono FLAC + JSON, and DIR/index.json.",
         epilog="example: salm shards train_asr.jsonl train_ast.jsonl --out /data/shards/train "
         "--max-shard-bytes 500M --workers 16 --seed 1",
     )

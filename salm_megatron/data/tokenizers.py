@@ -10,7 +10,9 @@ placeholder id. One rule places the placeholder, the same for training, decoding
    hf-to-mcore`` adds when the embedding has none (``vocab_size`` counts it).
 
 Text never produces the placeholder (nor any special token): a transcript that happens to contain
-``<|audio|>`` stays text; prompt builders insert the ids of special tokens directly.
+``<|audio|>`` stays text; prompt builders insert the ids of special tokens directly. Chat
+templates (``data/chat.py``) write their special tokens as text: :meth:`Tokenizer.chat_spans` reads
+those as their ids, in the template's text only.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ RESERVED_TOKEN = re.compile(r"<\|reserved_special_token_\d+\|>|\[control_\d+\]|<
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 _EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>", "<|im_end|>")
 _PAD_NAMES = ("<pad>", "<|finetune_right_pad_id|>", "<|pad|>")
+# The named special tokens a chat template sees (as transformers passes them), from
+# tokenizer_config.json.
+NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                "mask_token")  # fmt: skip
 
 
 class Tokenizer:
@@ -67,6 +73,28 @@ class Tokenizer:
     def _spans(self, text: str) -> list[tuple[int, int, int]]:
         """(id, first character, end character) of each token of ``text``."""
         raise NotImplementedError
+
+    def token_spans(self, text: str) -> list[tuple[int, int, int]]:
+        """(id, first character, end character) of each token of ``text``, as text (no special
+        token, no placeholder)."""
+        return self._spans(text)
+
+    def special_tokens(self) -> dict[str, int]:
+        """The tokens a chat template writes as text that stand for one id (``<|im_start|>``,
+        ``</s>``): text -> id."""
+        raise NotImplementedError
+
+    def chat_spans(self, text: str, audio_mark: str) -> Optional[list[tuple[int, int, int]]]:
+        """(id, first character, end character) of the tokens of a rendered chat, made as
+        transformers' ``apply_chat_template`` makes them: the whole text in one pass, every
+        special token written in it as its id, each ``audio_mark`` character as the audio
+        placeholder. None where the tokenizer has no such pass (sentencepiece: the chat is then
+        tokenized stretch by stretch between its special tokens, ``data/chat.py``)."""
+        return None
+
+    def template_variables(self) -> dict[str, str]:
+        """The named special tokens (``bos_token``, ``eos_token``, ...) a chat template sees."""
+        return {}
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids``; special tokens and the audio placeholder are left out."""
@@ -156,6 +184,19 @@ class SentencePieceTokenizer(Tokenizer):
             if self.sp.is_unused(i) or RESERVED_TOKEN.fullmatch(piece):
                 yield i, piece
 
+    def special_tokens(self) -> dict[str, int]:
+        # control symbols (<s>, </s>): text never makes them
+        return {
+            self.sp.id_to_piece(i): i for i in range(self.base_vocab_size) if self.sp.is_control(i)
+        }
+
+    def template_variables(self) -> dict[str, str]:
+        named = _config_tokens(self.path.parent / "tokenizer_config.json")
+        if self.bos_id is not None:
+            named.setdefault("bos_token", self.sp.id_to_piece(self.bos_id))
+        named.setdefault("eos_token", self.sp.id_to_piece(self.eos_id))
+        return named
+
 
 class HFTokenizer(Tokenizer):
     """A ``tokenizer.json``; BOS/EOS/PAD from ``tokenizer_config.json`` beside it when present."""
@@ -169,8 +210,9 @@ class HFTokenizer(Tokenizer):
         except Exception as err:  # the library raises plain Exception on bad files
             raise ValueError(f"{path} is not a Hugging Face tokenizer.json: {err}") from err
         self.backend.encode_special_tokens = True  # "<|eot_id|>" in a transcript stays text
+        self._chat = None  # the backend chat_spans uses, made when first needed
         self.base_vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
-        named = self._named_tokens(path.parent / "tokenizer_config.json")
+        named = self.named = _config_tokens(path.parent / "tokenizer_config.json")
         self.bos_id = self._first_id([named.get("bos_token"), *_BOS_NAMES])
         eos = self._first_id([named.get("eos_token"), *_EOS_NAMES])
         if eos is None:
@@ -182,23 +224,6 @@ class HFTokenizer(Tokenizer):
         pad = self._first_id([named.get("pad_token"), *_PAD_NAMES])
         self.pad_id = eos if pad is None else pad
         self._set_audio_token(audio_token)
-
-    @staticmethod
-    def _named_tokens(config: Path) -> dict[str, str]:
-        if not config.is_file():
-            return {}
-        try:
-            data = json.loads(config.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config} is not valid JSON: {err}") from err
-        names = {}
-        for key in ("bos_token", "eos_token", "pad_token"):
-            value = data.get(key)
-            if isinstance(value, dict):
-                value = value.get("content")
-            if isinstance(value, str):
-                names[key] = value
-        return names
 
     def _first_id(self, names) -> Optional[int]:
         for name in names:
@@ -219,6 +244,55 @@ class HFTokenizer(Tokenizer):
     def _reserved_tokens(self) -> Iterable[tuple[int, str]]:
         added = self.backend.get_added_tokens_decoder().items()  # reserved tokens are added ones
         return ((i, t.content) for i, t in added if RESERVED_TOKEN.fullmatch(t.content))
+
+    def special_tokens(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items()}
+
+    def chat_spans(self, text: str, audio_mark: str) -> list[tuple[int, int, int]]:
+        backend, mark = self._chat_backend(audio_mark)
+        encoding = backend.encode(text, add_special_tokens=False)
+        return [
+            (self.audio_token_id if i == mark else i, *span)
+            for i, span in zip(encoding.ids, encoding.offsets, strict=True)
+        ]
+
+    def _chat_backend(self, audio_mark: str):
+        """A copy of the backend that reads special tokens in text (as transformers does), with
+        ``audio_mark`` added as one more; and the id that mark gets there (made once)."""
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as Backend
+
+        if self._chat is None or self._chat[0] != audio_mark:
+            backend = Backend.from_str(self.backend.to_str())
+            backend.add_special_tokens([AddedToken(audio_mark, special=True, normalized=False)])
+            backend.encode_special_tokens = False
+            self._chat = audio_mark, backend, backend.token_to_id(audio_mark)
+        return self._chat[1:]
+
+    def template_variables(self) -> dict[str, str]:
+        named = dict(self.named)
+        for key, token_id in (("bos_token", self.bos_id), ("eos_token", self.eos_id)):
+            if key not in named and token_id is not None:
+                named[key] = self.backend.id_to_token(token_id)
+        return named
+
+
+def _config_tokens(config: Path) -> dict[str, str]:
+    """The named special tokens of a ``tokenizer_config.json`` (none when there is none)."""
+    if not config.is_file():
+        return {}
+    try:
+        data = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config} is not valid JSON: {err}") from err
+    names = {}
+    for key in NAMED_TOKENS:
+        value = data.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            names[key] = value
+    return names
 
 
 def load_tokenizer(path: str | Path, audio_token: str = AUDIO_TOKEN) -> Tokenizer:

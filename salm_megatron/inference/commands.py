@@ -53,6 +53,8 @@ CONFIG_FLAGS = {
         "--top-p": ("decode.top_p", float, "sample: nucleus probability mass"),
         "--seed": ("decode.seed", int, "sample: random seed (with each sample's key)"),
         "--batch-size": ("decode.batch_size", int, "utterances decoded together"),
+        "--system": ("decode.system_prompt", str,
+                     "system turn opening each prompt (data.prompt_format=chat)"),
     },
     "audio durations (config fields data.*; default: the checkpoint's)": {
         "--min-duration": ("data.min_duration", float, "skip (and count) shorter audio, seconds"),
@@ -85,17 +87,28 @@ def _parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser
     return parser
 
 
+def config_overrides(args) -> list[str]:
+    """The ``key=value`` overrides of the flags given (then ``--set``'s)."""
+    return [
+        # text is quoted: an override reads YAML ("Answer: briefly" would be a mapping)
+        f"{name}={json.dumps(value) if kind is str else value}"
+        for flags in CONFIG_FLAGS.values()
+        for name, kind, _ in flags.values()
+        if (value := getattr(args, name)) is not None
+    ] + list(args.set)
+
+
 def _start(args) -> tuple:
     """Parallel state, then the checkpoint as a generator: (cfg, generator, tokenizer, path)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     tp = args.tensor_parallel or world
-    overrides = [
-        f"{name}={getattr(args, name)}"
-        for flags in CONFIG_FLAGS.values()
-        for name, *_ in flags.values()
-        if getattr(args, name) is not None
-    ] + list(args.set)
-    cfg, path = prepare(args.checkpoint, tp, overrides)
+    cfg, path = prepare(args.checkpoint, tp, config_overrides(args))
+    if cfg.decode.system_prompt is not None and cfg.data.prompt_format != "chat":
+        raise ConfigError(
+            f"decode.system_prompt (--system) needs data.prompt_format=chat (the tokenizer's chat "
+            f"template); the checkpoint's data.prompt_format={cfg.data.prompt_format!r} has no "
+            "system turn"
+        )
     parallel.initialize(cfg.parallel, seed=cfg.seed)
     generator, tokenizer = load_generator(cfg, path, args.tokenizer)
     return cfg, generator, tokenizer, path
@@ -228,6 +241,7 @@ def write_results(out: Path, decoded: Decoded, skipped: dict, cfg, path, data, e
 TRANSCRIBE_EXAMPLE = """example:
   salm transcribe --checkpoint runs/salm call.wav note.flac
   salm transcribe --checkpoint runs/salm question.wav --prompt "What is the sum of the numbers?"
+  salm transcribe --checkpoint runs/qwen3-salm call.wav --system "You are a careful transcriber."
 
 prints one line per file: PATH<TAB>TEXT. Any sample rate, mono or stereo, WAV/FLAC/OGG.
 """
@@ -250,7 +264,10 @@ def _transcribe(args) -> int:
         raise FileNotFoundError(f"audio file(s) not found: {', '.join(missing)}")
     cfg, generator, tokenizer, _ = _start(args)
     segments = 1 if cfg.model.arch == "salm" else 0
-    ids, _ = generation_prompt(tokenizer, cfg.data.prompt_format, args.prompt, segments)
+    ids, _ = generation_prompt(
+        tokenizer, cfg.data.prompt_format, args.prompt, segments, system=cfg.decode.system_prompt,
+        variables=cfg.data.chat_template_kwargs,
+    )  # fmt: skip
     rate = cfg.encoder.features.sample_rate
     failed = 0
     paths = list(args.audio)

@@ -93,8 +93,13 @@ def decode_samples(
 
     def flush() -> None:
         try:
-            prompts = [prompt_sample(raw, tokenizer, cfg.data.prompt_format, cfg.model.arch)
-                       for raw in batch]  # fmt: skip
+            data, decoding = cfg.data, cfg.decode
+            prompts = [
+                prompt_sample(raw, tokenizer, data.prompt_format, cfg.model.arch,
+                              system=decoding.system_prompt,
+                              chat_template_kwargs=data.chat_template_kwargs)
+                for raw in batch
+            ]  # fmt: skip
             outputs = generator.generate(prompts)
         except Exception as err:  # noqa: BLE001 - recorded, reported, and the exit code says so
             decoded.failures.append({"keys": [raw["key"] for raw in batch], "error": describe(err)})

@@ -2,7 +2,8 @@
 (`salm train`) is loaded at PP=1 and transcribes them back exactly, through `salm eval` at TP=2
 (predictions.jsonl, metrics.json, WER 0) and `salm transcribe` (WAV at 44.1 kHz stereo, FLAC);
 `salm eval` at DP=2 scores an empty reference and skips (and counts) audio over --max-duration,
-as `salm transcribe` names it; bad checkpoints and shards are named."""
+as `salm transcribe` names it; bad checkpoints and shards are named, and so is a system prompt
+for a checkpoint without a chat template."""
 
 from __future__ import annotations
 
@@ -127,6 +128,19 @@ def test_transcribe_reads_any_rate_and_channels(trained, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines() == [f"{wav}\t{ANSWERS[3]}", f"{flac}\t{ANSWERS[6]}"]
+
+
+def test_a_system_prompt_needs_the_chat_format(trained, tmp_path):
+    wav = tmp_path / "clip.wav"
+    soundfile.write(wav, _clip(1).numpy(), 16000)
+    proc = subprocess.run(
+        [sys.executable, "-m", "salm_megatron.cli", "transcribe", "--checkpoint",
+         str(trained / "run"), str(wav), "--system", "Be brief."],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "decode.system_prompt (--system) needs data.prompt_format=chat" in proc.stderr
+    assert "data.prompt_format='plain'" in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """SampleStream returns every sample once per epoch with its audio and text, in a seeded order,
 split disjointly over DP ranks and DataLoader workers, skips and counts bad inputs, and resumes
 exactly from its state (2 DP ranks x 2 workers), refusing a state of another shuffle buffer or of
-shards rewritten under the same names, while a state from before those were recorded resumes."""
+shards rewritten under the same names, while a state from before those were recorded resumes;
+conversation samples (two audio segments, or none) among single-turn ones resume alike."""
 
 from __future__ import annotations
 
@@ -229,6 +230,46 @@ def test_resume_with_two_workers_and_two_dp_ranks(corpus):
     with pytest.raises(ValueError, match="saved with 2 DataLoader workers, resuming with 1"):
         next(iter(wrong))
     assert sorted(seen) == sorted(corpus["expected"])
+
+
+def test_conversations_among_single_turn_samples_resume_exactly(tmp_path):
+    rng = np.random.default_rng(1)
+    samples, waves = [], {}
+    for i in range(12):
+        key, wave = f"s{i:02d}", rng.uniform(-0.5, 0.5, 1600 + 160 * i).astype(np.float32)
+        if i % 3 == 0:  # single-turn, as ever
+            samples.append({"__key__": key, "flac": _audio_bytes(wave), "json": {"answer": "a"}})
+            waves[key] = [wave]
+        elif i % 3 == 1:  # two segments
+            turns = [{"role": "user", "content": [{"audio": 0}, "and", {"audio": 1}]},
+                     {"role": "assistant", "content": f"answer {i}"}]  # fmt: skip
+            audio = {"0.flac": _audio_bytes(wave), "1.flac": _audio_bytes(wave[:800])}
+            samples.append({"__key__": key, **audio, "json": {"conversation": turns}})
+            waves[key] = [wave, wave[:800]]
+        else:  # text only
+            turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+            samples.append({"__key__": key, "json": {"conversation": turns}})
+            waves[key] = []
+    _write(str(tmp_path / "mixed-%04d.tar"), samples, per_shard=3)
+
+    def make():
+        return SampleStream(str(tmp_path / "mixed-*.tar"), seed=5, shuffle_buffer=4)
+
+    full = list(LoadedStream(make(), num_workers=2))
+    assert sorted(s["key"] for s in full) == sorted(waves)
+    for sample in full:
+        got = sample["segments"] if "conversation" in sample else [sample["audio"]]
+        assert [len(w) for w in got] == [len(w) for w in waves[sample["key"]]]
+        for g, w in zip(got, waves[sample["key"]], strict=True):
+            np.testing.assert_allclose(g.numpy(), w, atol=FLAC_TOL)
+    first = LoadedStream(make(), num_workers=2)
+    it = iter(first)
+    head = [next(it)["key"] for _ in range(5)]
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    resumed = LoadedStream(make(), num_workers=2)
+    resumed.load_state_dict(state)
+    assert head + [s["key"] for s in resumed] == [s["key"] for s in full]
 
 
 def test_resume_refuses_another_shuffle_buffer_or_rewritten_shards(corpus, tmp_path):
