@@ -146,10 +146,37 @@ def salm_llama3_70b() -> Config:
     )
 
 
+# Qwen3-30B-A3B (30.5 B, 3.35 B active: 48 layers of 128 experts of FFN 768, 8 per token) +
+# FastConformer-XL (0.61 B) + MLP adapter (0.01 B), all trained. Two nodes, EP 8 (16 experts per
+# layer on each GPU) carved from DP 16. The dense 1.54 B (attention, norms, routers, embeddings)
+# x (2 + 4 + 12/16) = 10.4 GB; the experts, 29.0 B / EP 8 = 3.62 B per GPU, x (2 + 4 + 12/2) =
+# 43.5 GB (their optimizer state shards over the 16 / 8 = 2 expert-data-parallel ranks); the
+# first-stage parts 0.62 B x 6.75 = 4.2 GB. Activations (b 1, s 1024, h 2048, 48 layers): 34 x
+# 1024 x 2048 x 48 = 3.4 GB, and each token's 8 experts' inputs, FFN and outputs, 2 x 8 x (2 h +
+# 3 x 768) = 102 KB per token and layer: 5.0 GB; encoder about 2 GB. About 69 GB of 80.
+# Qwen3 prompts through the tokenizer's chat template, where that format exists.
+def salm_qwen3_30b_a3b() -> Config:
+    chat = "chat" if "chat" in salm_config.PROMPT_FORMATS else "plain"
+    return Config(
+        model=ModelConfig(arch="salm"),
+        llm=llm_preset("qwen3-30b-a3b"),
+        encoder=encoder_preset("fastconformer-xl"),
+        adapter=AdapterConfig(type="mlp", stack=2),
+        parallel=ParallelConfig(expert_model_parallel_size=8),
+        data=DataConfig(prompt_format=chat, micro_batch_size=1, num_workers=4),
+        optim=OptimConfig(lr=5e-5, encoder_lr=5e-5, adapter_lr=2e-4, warmup_steps=1000),
+        train=TrainConfig(steps=50000, global_batch_size=128, output_dir="runs/salm-qwen3-30b-a3b"),
+        checkpoint=CheckpointConfig(interval=500, optimizer_format="fully_reshardable"),
+    )
+
+
 TRAINING: dict[str, Recipe] = {
     "salm_tiny": Recipe(salm_tiny, 1, 2, "tiny SALM on CPU, 2 processes (tests, trying things)"),
     "salm_llama3_2_1b": Recipe(salm_llama3_2_1b, 1, 8, "SALM, Llama-3.2-1B, 1 x 8 GPUs"),
     "salm_llama3_8b": Recipe(salm_llama3_8b, 1, 8, "SALM, Llama-3-8B + LoRA, 1 x 8 GPUs"),
     "bestow_llama3_8b": Recipe(bestow_llama3_8b, 2, 8, "BESTOW, Llama-3-8B, 2 x 8 GPUs"),
     "salm_llama3_70b": Recipe(salm_llama3_70b, 8, 8, "SALM, Llama-3-70B, FP8, 8 x 8 GPUs"),
+    "salm_qwen3_30b_a3b": Recipe(
+        salm_qwen3_30b_a3b, 2, 8, "SALM, Qwen3-30B-A3B (MoE, EP 8), 2 x 8 GPUs"
+    ),
 }

@@ -53,6 +53,10 @@ def salm_llama3_70b() -> run.Partial:
     return training(configs.salm_llama3_70b())
 
 
+def salm_qwen3_30b_a3b() -> run.Partial:
+    return training(configs.salm_qwen3_30b_a3b())
+
+
 def salm_eval(
     checkpoint: str,
     data: str | list[str],

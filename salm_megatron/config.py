@@ -87,7 +87,9 @@ class LLMConfig:
     # Top-k weights renormalised to sum to 1 (Qwen3-MoE's norm_topk_prob, Mixtral); false: the
     # softmax over all experts, read at the top k (Qwen2-MoE).
     moe_router_norm_topk: bool = True
-    moe_aux_loss_coeff: float = 0.001  # load-balancing loss weight (Switch-style, per layer)
+    # Load-balancing loss weight (Switch-style, per layer; each answer token carries its
+    # micro-batch's, like its cross entropy: llm/moe.py)
+    moe_aux_loss_coeff: float = 0.001
     moe_token_dispatcher: str = "alltoall"  # how tokens reach experts on other EP ranks
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
@@ -952,7 +954,9 @@ class LoRAConfig:
 
 # ------------------------------------------------------------------------------------ training
 
-PROMPT_FORMATS = ("plain", "llama2", "llama3")  # data/prompts.py builds each
+# data/prompts.py builds each; "chat" renders the tokenizer's own chat template (data/chat.py)
+PROMPT_FORMATS = ("plain", "llama2", "llama3", "chat")
+LOSS_ON = ("all", "last")  # which assistant turns of a conversation are learned
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -973,7 +977,14 @@ class DataConfig:
     train_shards: Any = None
     valid_shards: Optional[str] = None  # one pass per validation (each sample once)
     tokenizer: Optional[str] = None  # sentencepiece .model, tokenizer.json, or a folder with one
+    # plain | llama2 | llama3 (hand-written, one user turn), or chat: the tokenizer's own chat
+    # template (chat_template.jinja or tokenizer_config.json's chat_template beside it)
     prompt_format: str = "plain"
+    # Conversations: the loss on every assistant turn (all) or on the last one only (last).
+    loss_on: str = "all"
+    # More variables for the chat template, e.g. {enable_thinking: false} (Qwen3: its generation
+    # prompt then holds the empty think block its trained turns show).
+    chat_template_kwargs: dict = field(default_factory=dict)
     micro_batch_size: int = 4  # samples per micro-batch
     max_tokens: Optional[int] = None  # instead: micro-batches of up to this many padded tokens
     bucket_window: int = 1000  # samples sorted by length together (see data/batching.py)
@@ -1002,6 +1013,13 @@ class DataConfig:
         self.train_shards = _weighted_shards("data.train_shards", self.train_shards)
         _optional_positive("data.length_multiple", self.length_multiple)
         _choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)
+        _choice("data.loss_on", self.loss_on, LOSS_ON)
+        _require(
+            isinstance(self.chat_template_kwargs, dict)
+            and all(isinstance(k, str) for k in self.chat_template_kwargs),
+            f"data.chat_template_kwargs={self.chat_template_kwargs!r} must be a mapping of names "
+            "to values",
+        )
         for name in ("default_task", "default_context"):
             value = getattr(self, name)
             _require(
@@ -1235,9 +1253,16 @@ class DecodeConfig:
     beam_size: int = 4
     length_penalty: float = 1.0  # beam: hypotheses ranked by log-prob / length ** this
     batch_size: int = 8  # utterances decoded together
+    # A system turn opening every prompt (without one of its own): data.prompt_format=chat only.
+    system_prompt: Optional[str] = None
 
     def __post_init__(self):
         _choice("decode.strategy", self.strategy, DECODING_STRATEGIES)
+        _require(
+            self.system_prompt is None
+            or (isinstance(self.system_prompt, str) and bool(self.system_prompt.strip())),
+            f"decode.system_prompt={self.system_prompt!r} must be a non-empty string or null",
+        )
         for name in ("max_new_tokens", "beam_size", "batch_size"):
             _positive(f"decode.{name}", getattr(self, name))
         _require(self.temperature > 0, f"decode.temperature={self.temperature} must be > 0")
@@ -1321,6 +1346,14 @@ class Config:
                 f"data.max_duration={high} is longer than encoder.type='whisper' takes: "
                 f"{longest:g} s (encoder.max_source_positions={encoder.max_source_positions})",
             )
+        dense_only = [t for t in self.lora.targets if t in ("linear_fc1", "linear_fc2")]
+        _require(
+            self.lora.rank == 0 or not self.llm.is_moe or not dense_only,
+            f"lora.targets={self.lora.targets} adapts {', '.join(dense_only)}, the dense MLP's "
+            f"linears, but with llm.num_moe_experts={self.llm.num_moe_experts} every MLP is a "
+            "set of experts, which get no adapters here (models/lora.py); set "
+            "lora.targets=[linear_qkv, linear_proj] (the attention's linears)",
+        )
         if self.model.arch == "bestow":
             _require(
                 self.llm.hidden_size % self.bestow.num_heads == 0,

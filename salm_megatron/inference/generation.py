@@ -8,7 +8,10 @@ which keeps its own text keys/values and the audio's, computed once). ``use_cach
 everything from the prompt and the tokens so far at every step: the reference the cache must equal.
 
 All ranks of a tensor-parallel group decode the same batch: the LLM gathers the vocabulary-parallel
-logits, and each chosen token is broadcast from the group's first rank.
+logits, and each chosen token is broadcast from the group's first rank. MoE layers decode as the
+dense ones (no auxiliary loss outside training, no token dropping: every token reaches its top-k
+experts); their expert-parallel ranks must decode together, so they must lie inside one
+tensor-parallel group.
 """
 
 from __future__ import annotations
@@ -42,6 +45,26 @@ def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
 def step_mask(valid: torch.Tensor) -> torch.Tensor:
     """``[b, 1, 1, T]``: the new position attends to every valid one."""
     return ~valid[:, None, None, :]
+
+
+def _check_experts_decode_together() -> None:
+    """MoE layers send each token to its experts' ranks (all-to-all) at every step, so every
+    rank of an expert-parallel group must decode the same batch, step for step: it must lie
+    inside one tensor-parallel group (whose ranks decode together). Ranks of different
+    data-parallel ranks decode samples of their own, as many steps as those take."""
+    if parallel_state.get_expert_model_parallel_world_size() == 1:
+        return
+    experts = parallel_state.get_expert_model_parallel_group()
+    together = parallel_state.get_tensor_model_parallel_group()
+    ranks = torch.distributed.get_process_group_ranks
+    if not set(ranks(experts)) <= set(ranks(together)):
+        raise ValueError(
+            f"decoding at parallel.expert_model_parallel_size="
+            f"{parallel_state.get_expert_model_parallel_world_size()} would make data-parallel "
+            "ranks, which decode samples of their own, wait on each other's MoE layers: decode "
+            "at parallel.expert_model_parallel_size=1 (checkpoints reshard), or with the "
+            "experts inside the tensor-parallel ranks (expert_tensor_parallel_size=1)"
+        )
 
 
 class _Cached:
@@ -142,6 +165,7 @@ class Generator:
             raise ValueError("generation needs the whole model on one pipeline stage (PP=1)")
         if model.config.sequence_parallel:
             raise ValueError("generation runs without sequence parallelism")
+        _check_experts_decode_together()
         self.model, self.decoding = model.eval(), decoding
         self.stop_ids, self.pad_id = sorted(stop_ids), pad_id
         self.vocab_size, self.banned_ids = vocab_size, list(banned_ids)

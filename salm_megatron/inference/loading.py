@@ -50,8 +50,17 @@ def saved_config(path: Path) -> Config:
     return config_from_dict(common["common"]["config"])
 
 
+EXPERT_FIELDS = ("expert_model_parallel_size", "expert_tensor_parallel_size")
+
+
 def generation_config(cfg: Config, tensor_parallel: int, overrides: list[str]) -> Config:
-    """``cfg`` laid out for decoding: TP=``tensor_parallel``, PP=1, no SP or CP, local spec."""
+    """``cfg`` laid out for decoding: TP=``tensor_parallel``, PP=1, no SP or CP, local spec.
+    MoE experts at EP=1 (each rank all of them, split over TP; the checkpoint reshards): ranks
+    of different DP ranks decode on their own, which EP across them would not allow
+    (``generation.py``), unless ``overrides`` place them (EP inside the TP group)."""
+    placed = any(
+        item.startswith(tuple(f"parallel.{f}=" for f in EXPERT_FIELDS)) for item in overrides
+    )
     cfg = apply_overrides(cfg, overrides)
     parallel = dataclasses.replace(
         cfg.parallel,
@@ -60,6 +69,7 @@ def generation_config(cfg: Config, tensor_parallel: int, overrides: list[str]) -
         virtual_pipeline_model_parallel_size=None,
         sequence_parallel=False,
         context_parallel_size=1,
+        **({} if placed else dict(zip(EXPERT_FIELDS, (1, None), strict=True))),
     )
     data = dataclasses.replace(cfg.data, packing=False)  # one prompt per row
     llm = dataclasses.replace(cfg.llm, transformer_impl="local", fp8=None, recompute="none")

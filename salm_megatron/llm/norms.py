@@ -4,6 +4,12 @@ With sequence parallelism each tensor-parallel rank normalises a different slice
 so the norm's weight gradient is partial on every rank. Megatron sums such gradients across the TP
 group in ``finalize_model_grads`` for parameters marked ``sequence_parallel``; these norms set that
 mark (PyTorch's own norms, used by Megatron's fallback spec, refuse sequence parallelism).
+
+Qwen3's query/key norms (``q_layernorm``, ``k_layernorm``) see this rank's heads, so their
+gradient is partial at any TP: ``finalize_model_grads`` sums them by name when
+``config.qk_layernorm`` is set. Under SP they carry the mark too; Megatron's test is one
+condition (mark or name), so they are summed once (``tests/parallel/test_speech_parallel.py``,
+Qwen3-style LLM at TP=2 + SP).
 """
 
 from __future__ import annotations

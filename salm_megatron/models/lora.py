@@ -25,6 +25,13 @@ from a generator seeded by (seed, layer, target) and this rank keeps its slice; 
 Checkpoints keep the base's keys (a LoRA model reads a plain LLM checkpoint and writes the same base
 keys) and add ``<linear>.lora_a.weight`` / ``<linear>.lora_b.weight``, sharded like their layers,
 so adapters saved at one TP size load at another.
+
+Mixture of experts: the attention's linears (``linear_qkv``, ``linear_proj``) take adapters as in
+a dense model, at any TP/EP; the frozen experts and router still route and compute, and their
+gradients still reach the adapters below. What is left: adapters on the experts' linears (one per
+expert, split over expert-parallel and expert-TP ranks, in the SequentialMLP and in Transformer
+Engine's grouped GEMM) and on the router; until then ``lora.targets`` with ``linear_fc1`` or
+``linear_fc2`` is refused for an MoE LLM (``Config``), naming the targets that work.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from ..config import LoRAConfig
@@ -200,6 +208,11 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[L
     for layer in layers:
         for target in cfg.targets:
             parent = getattr(layer, TARGETS[target].parent)
+            if isinstance(parent, MoELayer):
+                raise ValueError(
+                    f"lora.targets: {target} of layer {layer.layer_number} is an MoE layer's, "
+                    "whose experts get no adapters here; adapt linear_qkv and linear_proj"
+                )
             base = getattr(parent, target, None)
             if base is None or not hasattr(base, "weight"):
                 raise ValueError(

@@ -39,6 +39,7 @@ from ..audio.adapters import audio_embedding_lengths
 from ..audio.masks import require
 from ..config import Config
 from ..llm import build_llm, local_chunks, packed_rows
+from ..llm.moe import has_aux_loss, weigh_aux_loss
 from .answer_loss import answer_loss, hidden_states_only
 from .audio_path import AudioPath, CTCHead, attach_loss, length_groups
 from .audio_split import audio_share, gather_segments
@@ -81,6 +82,21 @@ def loss_tokens(batch: dict) -> torch.Tensor:
     samples), so a sum over the DP x CP ranks, as Megatron makes it, counts each token once."""
     tokens = batch["answer_mask"].sum().to(torch.int)
     return tokens if parallel_state.get_context_parallel_rank() == 0 else tokens * 0
+
+
+def microbatch_answer_tokens(batch: dict | None) -> int:
+    """All answer tokens of the micro-batch (every CP chunk's), read on the host: from its
+    ``answer_mask``, or on stages that read no samples from ``answer_tokens``, which the data
+    path shares with them for MoE's auxiliary loss (``training/data.py``)."""
+    host = on_host(batch) if batch is not None else {}
+    if "answer_mask" in host:
+        return int(host["answer_mask"].sum())
+    if "answer_tokens" in host:
+        return int(host["answer_tokens"])
+    raise ValueError(
+        "the MoE routers' auxiliary loss is weighed by the micro-batch's answer tokens "
+        "(llm/moe.py): a pipeline stage that reads no samples needs them as answer_tokens"
+    )
 
 
 def embedding_lengths(cfg: Config, audio_lengths: torch.Tensor) -> torch.Tensor:
@@ -330,9 +346,10 @@ class SpeechLLM(MegatronModule):
         """
         if not (self.pre_process or self.post_process):
             rows = self._packed_rows(batch, sequence_length) if packed else None
-            return self.llm(
+            output = self.llm(
                 input_ids=None, position_ids=None, attention_mask=None, packed_seq_params=rows
             )
+            return self._weigh_aux_loss(output, batch)
         if batch is None:
             raise ValueError("the first and last pipeline stages need the batch")
         check_batch(batch)
@@ -356,12 +373,20 @@ class SpeechLLM(MegatronModule):
                 decoder_input=decoder_input,
                 packed_seq_params=layout.packed,
             )
+        output = self._weigh_aux_loss(output, batch)
         if not self.post_process:
             return output
         labels, loss_mask, host_mask = (
             local_chunks(x, dim=1) for x in (layout.labels, layout.loss_mask, layout.host_loss_mask)
         )
         return answer_loss(self.llm, output, labels, loss_mask, host_mask, with_accuracy)
+
+    def _weigh_aux_loss(self, output: torch.Tensor, batch: dict | None) -> torch.Tensor:
+        """MoE: the routers' auxiliary losses of this micro-batch weighed by its answer tokens
+        in the backward pass (``llm/moe.py``); the output as it is otherwise."""
+        if not (has_aux_loss(self.config) and self.training and torch.is_grad_enabled()):
+            return output
+        return weigh_aux_loss(output, microbatch_answer_tokens(batch), self.config)
 
     def _packed_rows(self, batch: dict | None, sequence_length: int | None):
         """The packed row's sequence bounds on a chunk that reads no samples."""

@@ -5,7 +5,9 @@ Megatron-Core assumes a GPU in a handful of places: it calls ``torch.cuda.curren
 schedules, DDP buffers, optimizers, grad clipping, context-parallel RoPE and the MoE auxiliary-loss
 tracker, copies the MoE all-to-all dispatcher's split sizes to the host (as NumPy arrays) on a
 side CUDA stream (here they are there already, and every op is synchronous, so streams and their
-events become no-ops; the NumPy conversion stays), asserts
+events become no-ops; the NumPy conversion stays), all-gathers tokens in pieces of unequal size
+over expert tensor-parallel ranks (gloo's all_gather takes equal pieces only: each is padded to
+the longest for the exchange, and cut back after), asserts
 ``Tensor.type()`` strings such as ``'torch.cuda.FloatTensor'`` in the optimizers, and forks (and,
 for activation recompute, saves and restores) the CUDA RNG.
 :func:`apply` routes each of those to the CPU. :func:`salm_megatron.parallel.initialize` calls
@@ -46,6 +48,10 @@ _MODULES_WITH_CUDA_LITERALS = (
 )
 # Megatron modules that run work on side CUDA streams (the MoE dispatcher's host copies).
 _MODULES_WITH_CUDA_STREAMS = ("megatron.core.transformer.moe.token_dispatcher",)
+
+# Megatron modules that all-gather pieces of unequal size (the MoE dispatcher's tokens, gathered
+# over the expert tensor-parallel ranks), which gloo refuses.
+_MODULES_WITH_UNEVEN_GATHERS = ("megatron.core.tensor_parallel.mappings",)
 
 # (module, attribute) of Megatron functions that assert CUDA tensor type strings.
 _CUDA_TYPE_CHECKERS = (
@@ -118,6 +124,45 @@ def _to_numpy_on_host(tensor, as_numpy: bool = False, record_stream: bool = Fals
     """Megatron's ``maybe_move_tensor_to_cpu`` for tensors already on the host: the copy is
     nothing, the NumPy view it would make stays (``all_to_all_single`` takes those as sizes)."""
     return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
+def _all_gather_uneven(tensor_list, tensor, group=None, async_op=False):
+    """``torch.distributed.all_gather`` where the pieces may differ in their first dimension:
+    every rank sends its piece padded to the longest, and each received piece is cut back to
+    its own length. The same values land in ``tensor_list``; only the exchange is wider."""
+    shapes = {tuple(t.shape) for t in tensor_list}
+    if len(shapes) == 1 and tuple(tensor.shape) in shapes:
+        return torch.distributed.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+    longest = max(t.shape[0] for t in tensor_list)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    received = [torch.empty_like(padded) for _ in tensor_list]
+    torch.distributed.all_gather(received, padded, group=group)
+    for out, piece in zip(tensor_list, received, strict=True):
+        out.copy_(piece[: out.shape[0]])
+    return None
+
+
+class _DistributedOnGloo(types.ModuleType):
+    """Stands in for ``torch.distributed`` where a module all-gathers pieces of unequal size."""
+
+    def __init__(self):
+        super().__init__("torch.distributed")
+        self.all_gather = _all_gather_uneven
+
+    def __getattr__(self, name):
+        return getattr(torch.distributed, name)
+
+
+class _TorchWithUnevenGathers(types.ModuleType):
+    """Stands in for ``torch`` inside one Megatron module: all-gathers of unequal pieces work."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.distributed = _DistributedOnGloo()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
 
 
 class _TorchOnHost(types.ModuleType):
@@ -249,6 +294,9 @@ def apply() -> bool:
         module = importlib.import_module(name)
         module.torch = _TorchOnHost(streams=True)
         module.maybe_move_tensor_to_cpu = _to_numpy_on_host
+
+    for name in _MODULES_WITH_UNEVEN_GATHERS:
+        importlib.import_module(name).torch = _TorchWithUnevenGathers()
 
     for module_name, path in _CUDA_TYPE_CHECKERS:
         _patch_attribute_path(importlib.import_module(module_name), path, _with_cuda_type_names)

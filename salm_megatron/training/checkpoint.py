@@ -17,7 +17,8 @@ now writing (a resume from ``latest`` after a crash between the rename and ``lat
 from before write orders were recorded, which count as older than any recorded, by step), and
 ``checkpoint.keep`` prunes the longest completed, never the one just written.
 
-The model reshards to any TP/PP layout; the optimizer state as its format allows
+The model reshards to any TP/PP/EP layout (an EP rank saves its experts at their global
+indices); the optimizer state as its format allows
 (``checkpoint.optimizer_format``, :mod:`.optimizer_state`): the default ``dp_reshardable`` gathers
 nothing and loads at the TP/PP/VPP it was saved at, ``fully_reshardable`` gathers the optimizer
 state over data-parallel ranks at each save and loads at any layout. Transformer Engine's extra
@@ -25,8 +26,9 @@ state (FP8 metadata) may be missing from a checkpoint, as in those of the local 
 keep their own.
 
 RNG and data state are per rank: they are restored when the data-parallel size is the same (data
-state is keyed by DP rank; RNG needs the very same layout, else it is reseeded from the seed and
-step, with a warning). Each rank also records the data settings its stream depends on
+state is keyed by DP rank, and expert parallelism, carved from the DP ranks, leaves it as it is;
+RNG needs the very same layout, EP included, else it is reseeded from the seed and step, with a
+warning). Each rank also records the data settings its stream depends on
 (``compatible.data_settings``), which a resume checks first.
 
 Frozen parts that a pretrained checkpoint provides (``model.freeze_llm`` with
@@ -135,8 +137,15 @@ def layout() -> dict[str, int]:
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
         "vpp": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
         "dp": parallel_state.get_data_parallel_world_size(),
+        "ep": parallel_state.get_expert_model_parallel_world_size(),
+        "etp": parallel_state.get_expert_tensor_parallel_world_size(),
         "world": dist.get_world_size(),
     }
+
+
+def _saved_layout(saved: dict) -> dict[str, int]:
+    """The layout a rank file records, with EP and expert TP filled in where it predates them."""
+    return optimizer_state.with_expert_defaults(saved["layout"])
 
 
 def coordinates() -> dict[str, int]:
@@ -445,7 +454,7 @@ def _load_dist(sharded: dict, path: Path) -> dict:
 def saved_layout(path: Path) -> dict[str, int] | None:
     """The layout (:func:`layout`) checkpoint ``path`` was saved at, from its first rank file."""
     files = sorted((path / "ranks").glob("rank*.pt"))
-    return torch.load(files[0], weights_only=True)["layout"] if files else None
+    return _saved_layout(torch.load(files[0], weights_only=True)) if files else None
 
 
 def load_weights(cfg, path: Path, chunks: list[torch.nn.Module]) -> None:
@@ -472,7 +481,7 @@ def own_rank_state(path: Path) -> dict | None:
     rank_file = path / "ranks" / f"rank{dist.get_rank():05d}.pt"
     if rank_file.is_file():
         saved = torch.load(rank_file, weights_only=True)
-        if saved["layout"] == here and all(saved[k] == v for k, v in where.items()):
+        if _saved_layout(saved) == here and all(saved[k] == v for k, v in where.items()):
             return saved
     for rank_file in sorted((path / "ranks").glob("rank*.pt")):
         saved = torch.load(rank_file, weights_only=True)

@@ -4,7 +4,8 @@ Every rank of one data-parallel rank's model (its TP and CP ranks, first and las
 reads the same samples, so nothing is broadcast. Stages in between read nothing; the step's shape
 (sequence length, micro-batches and their size) reaches them through a max-all-reduce over the
 pipeline group, and with packing so do the lengths of the samples in each packed row (their
-attention needs the sequences' bounds).
+attention needs the sequences' bounds), and with an MoE auxiliary loss each micro-batch's answer
+tokens (their routers weigh it by them, ``llm/moe.py``).
 
 Micro-batches are length buckets (``data/batching.py``), or with ``data.packing`` packed rows of
 ``data.pack_tokens`` positions (``data/packing.py``): one row per micro-batch, one shape always.
@@ -33,10 +34,12 @@ from ..data.batching import (
     llm_sequence_length,
     token_cost,
 )
+from ..data.chat import chat_template
 from ..data.loader import LoadedStream, SampleStream
 from ..data.packing import PackBatcher
 from ..data.samples import Mapped, make_sample
 from ..data.tokenizers import Tokenizer, load_tokenizer
+from ..llm.moe import has_aux_loss
 from ..parallel import maxima_over_ranks
 
 # what `skipped` counts
@@ -73,6 +76,11 @@ def check_tokenizer(cfg: Config, tokenizer: Tokenizer) -> Config:
     means), once the LLM's vocabulary holds every id text makes and its embedding a row for the
     placeholder. BESTOW prompts carry no placeholder."""
     llm, path = cfg.llm, tokenizer.path
+    if cfg.data.prompt_format == "chat":  # its template renders an assistant turn, before step 1
+        try:
+            _ = chat_template(tokenizer, cfg.data.chat_template_kwargs).end_id
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if tokenizer.base_vocab_size > llm.vocab_size:
         raise ConfigError(
             f"tokenizer {path} has {tokenizer.base_vocab_size} tokens but llm.vocab_size="
@@ -207,7 +215,13 @@ class StepBatches:
         return Mapped(
             LoadedStream(stream, num_workers=data.num_workers),
             lambda raw: make_sample(
-                raw, tokenizer, data.prompt_format, cfg.model.arch, self.ctc_tokenizer
+                raw,
+                tokenizer,
+                data.prompt_format,
+                cfg.model.arch,
+                self.ctc_tokenizer,
+                loss_on=data.loss_on,
+                chat_template_kwargs=data.chat_template_kwargs,
             ),
         )
 
@@ -265,7 +279,23 @@ class StepBatches:
             if self.cfg.data.packing:  # stages that read no samples take the rows' bounds
                 bounds = self._row_bounds(step.microbatches, step.count, group)
                 step.microbatches = step.microbatches or bounds
+            if self.train and self.pipeline > 2 and has_aux_loss(self.cfg.llm):
+                step.microbatches = self._answer_tokens(step.microbatches, step.count, group)
         return step
+
+    @staticmethod
+    def _answer_tokens(microbatches: list[dict] | None, count: int, group) -> list[dict]:
+        """Each micro-batch's answer tokens, from the stages that read it to those that do not:
+        their MoE routers weigh the auxiliary loss by them (``llm/moe.py``)."""
+        reads = bool(microbatches) and "answer_mask" in microbatches[0]
+        counts = [int(b["answer_mask"].sum()) for b in microbatches] if reads else [0] * count
+        counts = maxima_over_ranks(counts, group)
+        if reads:
+            return microbatches
+        return [
+            {**(batch or {}), "answer_tokens": torch.tensor(n)}
+            for batch, n in zip(microbatches or [None] * count, counts, strict=True)
+        ]
 
     @staticmethod
     def _row_bounds(microbatches: list[dict] | None, count: int, group) -> list[dict]:

@@ -32,6 +32,7 @@ from ..data.loader import expand_shards
 from ..inference.evaluation import decode_samples, evaluation_stream, failure_message, gather
 from ..inference.generation import Generator
 from ..inference.metrics import metrics_json, task_metrics
+from ..llm.moe import aux_loss_report
 from ..models import build_speech_llm
 from ..models.audio_split import audio_share
 from ..models.host import to_device
@@ -130,6 +131,22 @@ def check_training_config(cfg: Config) -> None:
             f"{layout.pipeline_model_parallel_size}, parallel.sequence_parallel="
             f"{layout.sequence_parallel}, parallel.context_parallel_size="
             f"{layout.context_parallel_size}; set it to 0 and score checkpoints with `salm eval`"
+        )
+    tp = layout.tensor_model_parallel_size
+    if cfg.llm.is_moe and tp > 1 and not layout.sequence_parallel:
+        raise ConfigError(
+            f"llm.num_moe_experts={cfg.llm.num_moe_experts} at "
+            f"parallel.tensor_model_parallel_size={tp} trains with parallel.sequence_parallel="
+            "true only (Megatron-Core's MoE layers route each TP rank's share of the sequence); "
+            "set it"
+        )
+    if cfg.train.eval_wer_samples and layout.expert_model_parallel_size > 1:
+        raise ConfigError(
+            f"train.eval_wer_samples={cfg.train.eval_wer_samples} decodes each data-parallel "
+            "rank's samples on their own, but parallel.expert_model_parallel_size="
+            f"{layout.expert_model_parallel_size} sends tokens between those ranks at every "
+            "step; set it to 0 and score checkpoints with `salm eval` at "
+            "parallel.expert_model_parallel_size=1 (checkpoints reshard)"
         )
 
 
@@ -360,6 +377,8 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses, step = self._run_schedule(self.data, forward_only=False)
+        # MoE: the routers' load-balancing loss, per layer and micro-batch (collective)
+        balance = aux_loss_report(self.chunks[0].config, step.count)
         applied, grad_norm = optimizer_step(self.optimizer, self.cfg.optim.clip_grad)
         average_batchnorm_statistics(self.cfg, self.chunks)
         if applied:
@@ -389,6 +408,7 @@ class Trainer:
             "skipped_samples": sum(skipped.values()),
             "skipped": skipped,  # samples the loader skipped, by reason (data/loader.py)
             "skipped_steps": self.skipped_steps,
+            **({"load_balancing_loss": balance} if balance is not None else {}),
             **(
                 {"ctc_loss": totals["ctc_loss"] / max(samples, 1.0)}
                 if self.cfg.model.ctc_weight

@@ -22,6 +22,7 @@ from megatron.core.optimizer import (
     get_megatron_optimizer,
 )
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from ..config import Config, ConfigError
 from ..models.audio_split import reduce_replicated_grads
@@ -82,6 +83,24 @@ class SpeechDDP(DistributedDataParallel):
                 group.register_grad_ready(param, self.force_all_reduce)
 
 
+def mark_experts_apart(chunk: torch.nn.Module) -> None:
+    """MoE experts' parameters as Megatron marks them under expert parallelism
+    (``allreduce=False``), also at EP=1.
+
+    Megatron-Core marks them so only at EP > 1; they then get DDP buffers reduced over the
+    expert data-parallel group and an optimizer of their own, chained after the dense one. At
+    EP=1 they would join the dense buffers and optimizer, and a checkpoint's optimizer state would
+    have another structure (one optimizer instead of two, other param groups), which does not
+    load across EP. Marked always, every EP has the same structure, and ``fully_reshardable``
+    optimizer state reshards between EP sizes like the model. At EP=1 the expert data-parallel
+    group is the data-parallel one (the same sums), or with a smaller expert TP than TP it also
+    holds the TP ranks that each run a whole expert on their share of the sequence."""
+    for module in chunk.modules():
+        if isinstance(module, MoELayer):
+            for param in module.experts.parameters():
+                param.allreduce = False
+
+
 def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[SpeechDDP]:
     """Megatron DDP around every model chunk. Frozen parameters get no gradient buffer.
 
@@ -91,6 +110,8 @@ def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[SpeechDDP]:
     """
     config = ddp_config(cfg)
     split = cfg.parallel.split_audio_over_tp
+    for chunk in chunks:
+        mark_experts_apart(chunk)
     model = [
         SpeechDDP(
             config=chunk.config,

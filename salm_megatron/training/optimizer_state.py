@@ -5,12 +5,13 @@ Megatron-Core 0.16's distributed optimizer offers two layouts that save and load
 
 - ``dp_reshardable`` (the default): each rank writes its own shard of the optimizer's flat
   buffers. Nothing is gathered, so a save costs no extra memory, and with ``async_save`` the fork
-  writes the shards while training goes on. The buffers follow the model's TP/PP/VPP split and DDP
-  buckets, so the optimizer state loads only at the TP/PP/VPP it was saved at.
+  writes the shards while training goes on. The buffers follow the model's TP/PP/VPP split (and
+  with MoE its EP and expert TP split: which experts a rank holds) and DDP buckets, so the
+  optimizer state loads only at the TP/PP/VPP/EP it was saved at.
 - ``fully_reshardable``: the state of each model parameter in the parameter's own shape, so it
-  loads at any TP/PP/DP layout. A save all-gathers every parameter's state to every DP rank
-  (memory for the whole TP/PP shard's optimizer on each of them) before anything is written, even
-  with ``async_save``.
+  loads at any TP/PP/DP/EP layout (each expert's at its global index). A save all-gathers every
+  parameter's state to every DP rank (memory for the whole TP/PP shard's optimizer on each of
+  them) before anything is written, even with ``async_save``.
 
 ``fully_sharded_model_space``, which would be both, no longer saves in 0.16: its per-rank slices
 are ShardedTensors with a ``flattened_range``, which 0.16's ShardedTensor validation refuses.
@@ -31,8 +32,16 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from ..config import OPTIMIZER_FORMATS, ConfigError
 
 BEFORE_THE_RECORD = "fully_reshardable"
-# What must be the same at load for a format that does not reshard (layout() keys).
-SAVED_LAYOUT_KEYS = ("tp", "pp", "vpp")
+# What must be the same at load for a format that does not reshard (layout() keys): the model
+# split, experts included (EP and expert TP decide which experts' buffers a rank holds).
+SAVED_LAYOUT_KEYS = ("tp", "pp", "vpp", "ep", "etp")
+EXPERT_KEYS = ("ep", "etp")  # named in messages only where either side places experts apart
+
+
+def with_expert_defaults(layout: dict) -> dict:
+    """A layout record with what one from before expert parallelism lacks: EP=1 and the expert
+    tensor-parallel size Megatron then used, the TP size (as for a dense model, always)."""
+    return {"ep": 1, "etp": layout["tp"], **layout}
 
 
 def sharding_metadata(optimizer_format: str) -> dict:
@@ -66,11 +75,15 @@ def check_loads_here(path, metadata: dict, saved: dict | None, here: dict) -> No
     kind = metadata.get("distrib_optim_sharding_type")
     if kind in DistributedOptimizer.checkpoint_fully_reshardable_formats or saved is None:
         return
+    saved, here = with_expert_defaults(saved), with_expert_defaults(here)
     if all(saved[key] == here[key] for key in SAVED_LAYOUT_KEYS):
         return
 
+    experts = any(where["ep"] != 1 or where["etp"] != where["tp"] for where in (saved, here))
+    shown = [key for key in SAVED_LAYOUT_KEYS if experts or key not in EXPERT_KEYS]
+
     def show(where: dict) -> str:
-        return ", ".join(f"{key.upper()}={where[key]}" for key in SAVED_LAYOUT_KEYS)
+        return ", ".join(f"{key.upper()}={where[key]}" for key in shown)
 
     raise ConfigError(
         f"{path} holds its optimizer state as checkpoint.optimizer_format={kind}, which loads "

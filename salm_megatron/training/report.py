@@ -57,6 +57,8 @@ class Reporter:
         elapsed = time.time() - self.start
         eta = elapsed / done * (self.total - step)
         extra = f" | CTC {record['ctc_loss']:.3f}" if "ctc_loss" in record else ""
+        if "load_balancing_loss" in record:  # MoE routers' (llm/moe.py), without coefficient
+            extra += f" | load balancing {record['load_balancing_loss']:.4f}"
         if record.get("skipped_samples"):
             reasons = ", ".join(f"{r} {n}" for r, n in record["skipped"].items())
             extra += f" | skipped samples {record['skipped_samples']} ({reasons})"

@@ -59,6 +59,9 @@ def test_recipe_specifics():
     if hasattr(lora, "lora"):
         assert lora.lora.rank == 32
     assert TRAINING["bestow_llama3_8b"].config().model.arch == "bestow"
+    moe = TRAINING["salm_qwen3_30b_a3b"].config()  # checkpoints reshard to EP=1 for `salm eval`
+    assert (moe.llm.num_moe_experts, moe.parallel.expert_model_parallel_size,
+            moe.checkpoint.optimizer_format) == (128, 8, "fully_reshardable")  # fmt: skip
 
 
 def test_executors_launch_kernels_in_issue_order(tmp_path, monkeypatch):

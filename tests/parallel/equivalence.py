@@ -3,7 +3,9 @@
 The reference run (one process, TP=PP=1) writes the model's weights and, after one
 forward/backward, its gradients as Megatron dist checkpoints: gradients are saved by copying each
 ``main_grad`` into its parameter. A parallel layout loads both through ``dist_checkpointing``,
-which reshards them to its own TP/PP split, so every local gradient has a reference to match.
+which reshards them to its own TP/PP split, so every local gradient has a reference to match (an
+expert-parallel rank's local experts are saved and loaded at their global expert indices, so
+they meet the reference's gradients of the same experts).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def layout_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--vpp", type=int, default=None)
     ap.add_argument("--sp", action="store_true")
     ap.add_argument("--cp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1, help="expert parallel (MoE LLMs)")
+    ap.add_argument("--etp", type=int, default=None, help="expert tensor parallel (MoE LLMs)")
     return ap
 
 
@@ -42,6 +46,8 @@ def parallel_config(args) -> ParallelConfig:
         virtual_pipeline_model_parallel_size=args.vpp,
         sequence_parallel=args.sp,
         context_parallel_size=args.cp,
+        expert_model_parallel_size=args.ep,
+        expert_tensor_parallel_size=args.etp,
     )
 
 

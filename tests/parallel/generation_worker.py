@@ -1,16 +1,18 @@
 """Worker for test_generation_parallel.py: decode the same prompts at one layout.
 
 ``--reference`` (one process, TP=1) builds the tiny model, saves its weights as a dist checkpoint
-and writes what it decodes; other layouts load the weights (resharded to their TP) and write what
-they decode with and without the KV cache.
+and writes what it decodes; other layouts load the weights (resharded to their TP, and EP: the
+experts of tiny-moe spread over the TP ranks) and write what they decode with and without the KV
+cache.
 """
 
+import dataclasses
 import json
 
 import torch
 
 from salm_megatron import parallel
-from salm_megatron.config import DecodeConfig
+from salm_megatron.config import DecodeConfig, apply_overrides
 from salm_megatron.inference.generation import Generator
 from salm_megatron.models import build_speech_llm
 from tests.parallel import equivalence as eq
@@ -26,8 +28,10 @@ STRATEGIES = {
 def main():
     ap = eq.layout_parser(__doc__)
     ap.add_argument("--arch", choices=("salm", "bestow"), required=True)
+    ap.add_argument("--llm", default="tiny", help="an LLM preset (tiny-moe: experts)")
     args = ap.parse_args()
-    cfg = tiny_config(args.arch, eq.parallel_config(args))
+    cfg = apply_overrides(tiny_config(args.arch), [f"llm.preset={args.llm}"])
+    cfg = dataclasses.replace(cfg, parallel=eq.parallel_config(args))  # EP once there is MoE
     parallel.initialize(cfg.parallel, seed=cfg.seed)
     (model,) = build_speech_llm(cfg)
     if args.reference:

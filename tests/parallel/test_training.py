@@ -4,7 +4,9 @@ run (DP=2, optimizer state in the default dp_reshardable format, written in the 
 checkpoints saved at TP=2 with a fully_reshardable optimizer resume at TP=1 and PP=2, and TP=2 x
 PP=2 follows TP=1 for 10 steps, while a dp_reshardable one is refused at another TP, naming the
 field; a validation set smaller than DP ranks x workers validates as one rank does; a packed run
-(data.packing) killed mid-run resumes to the uninterrupted run's losses bit for bit."""
+(data.packing) killed mid-run resumes to the uninterrupted run's losses bit for bit; an MoE run
+(tiny-moe) checkpointed at EP=2 resumes at EP=1 with EP=2's next loss, gradient norm and
+load-balancing loss (reported in metrics.jsonl and the progress line), its experts resharded."""
 
 from __future__ import annotations
 
@@ -194,3 +196,27 @@ def test_validation_smaller_than_ranks_x_workers_equals_one_rank(data_dir, tmp_p
     assert one["samples"] == two["samples"] == 3  # each sample once, none dropped or repeated
     assert abs(two["loss"] - one["loss"]) <= 1e-5 * one["loss"], (one, two)
     assert two["accuracy"] == one["accuracy"]
+
+
+def test_moe_checkpoint_at_ep2_resumes_at_ep1(data_dir, tmp_path):
+    """tiny-moe SALM on 2 ranks: EP=2 (carved from DP=2: each rank holds 2 of the 4 experts,
+    tokens cross to the other rank's), optimizer state fully_reshardable, checkpoint at step 2,
+    on to step 3. Resumed from step 2 at EP=1 (DP=2, every rank all 4 experts), step 3 has the
+    same loss, gradient norm and load-balancing loss (fp32; the experts' sums run over other
+    token groupings, so required within rounding; observed equal bit for bit)."""
+    vocab = training_config(data_dir, "salm")["llm"]["vocab_size"]  # the preset replaces it
+    moe = ("llm.preset=tiny-moe", f"llm.vocab_size={vocab}", "llm.moe_aux_loss_coeff=0.01",
+           "encoder.conv_norm_type=layer_norm")  # fmt: skip
+    ep2, ep1 = tmp_path / "ep2", tmp_path / "ep1"
+    log = train(data_dir, ep2, 2, *moe, "parallel.expert_model_parallel_size=2", "train.steps=3",
+                "checkpoint.interval=2", "checkpoint.keep=null",
+                "checkpoint.optimizer_format=fully_reshardable")  # fmt: skip
+    assert "ep 2 (gloo)" in log and "| load balancing " in log, log[-3000:]
+    (ep1 / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ep2 / "checkpoints" / "step_0000002", ep1 / "checkpoints" / "step_0000002")
+    log = train(data_dir, ep1, 2, *moe, "train.steps=3")
+    assert "step_0000002 at step 2" in log and "RNG reseeded" in log, log[-3000:]
+    expected, got = records(ep2)[3], records(ep1)[3]
+    for key in ("loss", "grad_norm", "load_balancing_loss"):
+        assert abs(got[key] - expected[key]) <= 1e-6 * abs(expected[key]), (key, got, expected)
+    assert 0.5 < expected["load_balancing_loss"] < 4.0  # about 1 when balanced, E = 4 at most

@@ -1,16 +1,20 @@
 """Proves decoding with the KV cache equals full recomputation token for token (SALM, BESTOW;
-greedy, sampling, beam search; fp32 and bf16), that a sample decodes alike alone and in a
-left-padded batch (sampled ones too: each draws from its own seeded stream), that beam search
-reorders the cache in place, and the decoding rules: stop tokens, banned ids, top-k 1 and beam 1
-are greedy, seeds repeat; validation's decoding copy carries every weight."""
+greedy, sampling, beam search; fp32 and bf16; on an MoE LLM too), that a sample decodes alike
+alone and in a left-padded batch (sampled ones too: each draws from its own seeded stream), that
+beam search reorders the cache in place, and the decoding rules: stop tokens, banned ids, top-k 1
+and beam 1 are greedy, seeds repeat; validation's decoding copy carries every weight; MoE experts
+decode at EP=1 unless placed inside the TP group."""
+
+import dataclasses
 
 import pytest
 import torch
 
-from salm_megatron.config import DecodeConfig
+from salm_megatron.config import DecodeConfig, ParallelConfig, apply_overrides
 from salm_megatron.data import build_prompt, load_tokenizer
 from salm_megatron.data.prompts import generation_prompt
 from salm_megatron.inference.generation import Generator, _Cached
+from salm_megatron.inference.loading import generation_config
 from salm_megatron.models import build_speech_llm
 from salm_megatron.models.local_copy import copy_weights, decoding_model
 from tests.speech_fixtures import (
@@ -25,9 +29,12 @@ ARCHS = ("salm", "bestow")
 EOS = 2
 
 
-def _generator(arch: str, dtype: torch.dtype = torch.float32, **decoding) -> Generator:
+def _generator(
+    arch: str, dtype: torch.dtype = torch.float32, llm: str = "tiny", **decoding
+) -> Generator:
     torch.manual_seed(0)
-    (model,) = build_speech_llm(tiny_config(arch), params_dtype=dtype)
+    cfg = apply_overrides(tiny_config(arch), [f"llm.preset={llm}"])
+    (model,) = build_speech_llm(cfg, params_dtype=dtype)
     wake_zero_outputs(model)
     settings = {"max_new_tokens": 10, "beam_size": 3, "top_k": 20, "top_p": 0.9, **decoding}
     return Generator(
@@ -45,6 +52,18 @@ def test_cache_equals_recomputation(single_rank, arch, strategy):
     assert all(cached) and len(cached) == len(samples)
     if strategy != "beam":  # 10 tokens, or fewer ending with the stop token
         assert all(len(t) == 10 or t[-1] == EOS for t in cached)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_moe_cache_equals_recomputation(single_rank, arch, strategy):
+    """tiny-moe (Qwen3-MoE): MoE layers in inference route every token to its top-k experts
+    (no dropping, no auxiliary loss), with the KV cache as without it."""
+    generator = _generator(arch, llm="tiny-moe", strategy=strategy)
+    samples = prompt_samples(arch)
+    cached = generator.generate(samples)
+    assert cached == generator.generate(samples, use_cache=False)
+    assert all(cached) and len(cached) == len(samples)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -157,3 +176,14 @@ def test_weights_of_another_model_are_refused(single_rank):
     (salm,), (bestow,) = (build_speech_llm(tiny_config(arch)) for arch in ARCHS)
     with pytest.raises(KeyError, match="cross_attention"):
         copy_weights(salm, bestow)
+
+
+def test_decoding_puts_experts_at_ep1_unless_told():
+    """An EP=2 training run decodes at EP=1 (DP ranks decode on their own; the checkpoint
+    reshards), or with its experts placed inside the TP group when the overrides say so."""
+    cfg = apply_overrides(tiny_config("salm"), ["llm.preset=tiny-moe"])
+    cfg = dataclasses.replace(cfg, parallel=ParallelConfig(expert_model_parallel_size=2))
+    decoding = generation_config(cfg, 1, []).parallel
+    assert (decoding.expert_model_parallel_size, decoding.expert_tensor_parallel_size) == (1, None)
+    placed = generation_config(cfg, 2, ["parallel.expert_tensor_parallel_size=1"]).parallel
+    assert (placed.expert_model_parallel_size, placed.expert_tensor_parallel_size) == (2, 1)

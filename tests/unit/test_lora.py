@@ -1,8 +1,9 @@
 """Proves LoRA on one process: its config is validated; off changes nothing and new adapters change
-no output; with a frozen LLM only the adapters train; merged equals unmerged (a bf16 merge stays
-bf16, rounded once); dropout acts in training only; a LoRA-only checkpoint is a small fraction of
-a full one and resumes exactly, its frozen parts reloaded from their pretrained checkpoints (a
-clear error names a missing one)."""
+no output; with a frozen LLM only the adapters train (on an MoE LLM too: the attention's linears;
+the experts' are refused with a ConfigError saying which targets work); merged equals unmerged
+(a bf16 merge stays bf16, rounded once); dropout acts in training only; a LoRA-only checkpoint is
+a small fraction of a full one and resumes exactly, its frozen parts reloaded from their
+pretrained checkpoints (a clear error names a missing one)."""
 
 import dataclasses
 import re
@@ -117,8 +118,29 @@ def test_off_changes_nothing_and_new_adapters_change_no_output(single_rank):
     assert all(".lora_a." in key or ".lora_b." in key for key in added)
 
 
-def test_frozen_llm_trains_adapters_only(single_rank):
-    cfg = _lora_config("model.freeze_llm=true", "lora.targets=[linear_qkv, linear_fc2]")
+def test_moe_experts_get_no_adapters_and_the_error_says_what_does():
+    """tiny-moe: the dense MLP's targets are refused, naming them and the targets that work."""
+    with pytest.raises(ConfigError) as error:
+        _lora_config("llm.preset=tiny-moe")
+    message = str(error.value)
+    assert "lora.targets=['linear_qkv', 'linear_proj', 'linear_fc1', 'linear_fc2']" in message
+    assert "adapts linear_fc1, linear_fc2" in message and "llm.num_moe_experts=4" in message
+    assert "set lora.targets=[linear_qkv, linear_proj]" in message
+    _lora_config("llm.preset=tiny-moe", "lora.targets=[linear_qkv, linear_proj]")
+
+
+@pytest.mark.parametrize(
+    "llm, where",
+    [
+        ("tiny", ("self_attention.linear_qkv", "mlp.linear_fc2")),
+        ("tiny-moe", ("self_attention.linear_qkv", "self_attention.linear_proj")),
+    ],
+    ids=["dense", "moe"],
+)
+def test_frozen_llm_trains_adapters_only(single_rank, llm, where):
+    """MoE too: adapters on the attention's linears train below frozen experts and router."""
+    targets = ", ".join(w.split(".")[1] for w in where)
+    cfg = _lora_config("model.freeze_llm=true", f"llm.preset={llm}", f"lora.targets=[{targets}]")
     torch.manual_seed(0)
     (chunk,) = build_speech_llm(cfg)
     model = wrap_ddp(cfg, [chunk])
@@ -126,9 +148,9 @@ def test_frozen_llm_trains_adapters_only(single_rank):
     named = dict(chunk.named_parameters())
     trainable_llm = sorted(n for n, p in named.items() if p.requires_grad and n.startswith("llm."))
     assert trainable_llm == sorted(
-        f"llm.decoder.layers.{i}.{where}.{factor}.weight"
+        f"llm.decoder.layers.{i}.{part}.{factor}.weight"
         for i in range(4)
-        for where in ("self_attention.linear_qkv", "mlp.linear_fc2")
+        for part in where
         for factor in ("lora_a", "lora_b")
     )
     buffered = {id(p) for buffer in model[0].buffers for p in buffer.params}

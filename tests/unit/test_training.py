@@ -4,9 +4,11 @@ earlier one is refused unless told to start over (which moves it aside, deleting
 a resume reading the data otherwise names both values, that a run's paths are saved absolute,
 that frozen parameters get no gradient buffer and no optimizer state, weight decay and per-part
 learning rates in the param groups, the clipped optimizer step that skips NaN/inf gradients
-without a trace, recompute equal to no recompute, the ``salm train`` command line (files it names
-checked first; the config fields a refused resume names), and pretrained LLM and encoder weights
-loaded exactly."""
+without a trace, recompute equal to no recompute (MoE layers and their load-balancing loss
+too), the ``salm train`` command line (files it names checked first; the config fields a
+refused resume names), pretrained LLM and encoder weights loaded exactly, MoE layouts that
+cannot train refused before anything starts, and dp_reshardable optimizer state refused at
+another expert-parallel size."""
 
 import dataclasses
 import math
@@ -20,7 +22,7 @@ from salm_megatron import train
 from salm_megatron.config import Config, ConfigError, absolute_paths, apply_overrides, load_config
 from salm_megatron.data import collate
 from salm_megatron.models import build_speech_llm
-from salm_megatron.training import checkpoint
+from salm_megatron.training import checkpoint, optimizer_state
 from salm_megatron.training.compatible import MODEL_SECTIONS, check_same_data, config_differences
 from salm_megatron.training.optimizer import (
     build_optimizer,
@@ -346,12 +348,24 @@ def test_step_skips_non_finite_gradients_and_clips_finite_ones(single_rank, bad,
 # -------------------------------------------------------------------------------- recompute
 
 
-@pytest.mark.parametrize("recompute", ["full", "selective"])
-def test_recompute_changes_neither_loss_nor_gradients(single_rank, recompute):
+MOE = ("llm.preset=tiny-moe", "llm.moe_aux_loss_coeff=0.5")  # the aux loss's gradient counts
+
+
+@pytest.mark.parametrize(
+    "recompute, llm",
+    [
+        ("full", ()),
+        ("selective", ()),
+        ("full", MOE),
+        ("selective", (*MOE, "llm.recompute_modules=[moe]")),  # router, dispatch, experts
+    ],
+    ids=["full", "selective", "full-moe", "selective-moe"],
+)
+def test_recompute_changes_neither_loss_nor_gradients(single_rank, recompute, llm):
     batch = collate(speech_samples("salm"))
     torch.manual_seed(0)
-    (reference,) = build_speech_llm(tiny_config("salm"))
-    (model,) = build_speech_llm(_config("salm", f"llm.recompute={recompute}"))
+    (reference,) = build_speech_llm(_config("salm", *llm[:2]))
+    (model,) = build_speech_llm(_config("salm", *llm, f"llm.recompute={recompute}"))
     assert model.llm.config.recompute_granularity == recompute
     model.load_state_dict(reference.state_dict())
     losses = []
@@ -464,3 +478,46 @@ def test_pretrained_llm_and_encoder_load_exactly(single_rank, tmp_path):
     for folder in (tmp_path / "missing", tmp_path / "empty"):
         with pytest.raises(FileNotFoundError, match=re.escape(str(folder))):
             checkpoint.load_pretrained(target.llm, folder, "LLM")
+
+
+def test_moe_layouts_that_cannot_train_are_refused_first(tmp_path, capsys):
+    """Before any process group: MoE at TP>1 without sequence parallelism (Megatron's MoE layers
+    route each TP rank's share of the sequence), and decoding validation at EP>1 (DP ranks decode
+    on their own, but their MoE layers would wait on each other)."""
+    (tmp_path / "shard-0.tar").write_bytes(b"")
+    named = [f"data.train_shards={tmp_path / 'shard-0.tar'}", f"data.tokenizer={tmp_path}",
+             f"train.output_dir={tmp_path}/run", "llm.preset=tiny-moe"]  # fmt: skip
+    assert train.main([*named, "parallel.tensor_model_parallel_size=2"]) == 2
+    error = capsys.readouterr().err
+    assert "llm.num_moe_experts=4 at parallel.tensor_model_parallel_size=2 trains with" in error
+    assert "parallel.sequence_parallel=true only" in error
+    validation = [f"data.valid_shards={tmp_path / 'shard-0.tar'}", "train.eval_interval=5",
+                  "train.eval_wer_samples=4", "parallel.expert_model_parallel_size=2"]  # fmt: skip
+    assert train.main([*named, *validation]) == 2
+    error = capsys.readouterr().err
+    assert "train.eval_wer_samples=4 decodes each data-parallel rank's samples" in error
+    assert "parallel.expert_model_parallel_size=2 sends tokens" in error
+
+
+def test_dp_reshardable_optimizer_state_is_refused_at_another_ep(tmp_path):
+    """Its buffers hold this rank's experts; fully_reshardable loads at any EP. A record from
+    before expert parallelism (no ep, etp) reads as EP=1."""
+    here = {"tp": 2, "pp": 1, "vpp": 1, "dp": 2, "ep": 1, "etp": 2, "world": 4}
+    saved = {**here, "ep": 2}
+    dp_reshardable = optimizer_state.sharding_metadata("dp_reshardable")
+    with pytest.raises(ConfigError) as error:
+        optimizer_state.check_loads_here(tmp_path, dp_reshardable, saved, here)
+    expected = (
+        "(TP=2, PP=1, VPP=1, EP=2, ETP=2), not at this run's (TP=2, PP=1, VPP=1, EP=1, ETP=2)"
+    )
+    assert expected in str(error.value)
+    with pytest.raises(ConfigError, match=r"ETP=1\), not at this run's"):  # experts split alike
+        optimizer_state.check_loads_here(tmp_path, dp_reshardable, {**here, "etp": 1}, here)
+    fully = optimizer_state.sharding_metadata("fully_reshardable")
+    optimizer_state.check_loads_here(tmp_path, fully, saved, here)
+    before_ep = {k: v for k, v in here.items() if k not in ("ep", "etp")}
+    optimizer_state.check_loads_here(tmp_path, dp_reshardable, before_ep, here)
+    # a dense run's message names what it has: TP, PP, VPP
+    with pytest.raises(ConfigError, match=r"\(TP=2, PP=1, VPP=1\), not at this run's \(TP=1, "):
+        dense = {**here, "tp": 1, "etp": 1}
+        optimizer_state.check_loads_here(tmp_path, dp_reshardable, here, dense)
