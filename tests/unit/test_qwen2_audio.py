@@ -154,7 +154,7 @@ def test_silence_padding_matters_at_the_end(qwen2_audio, imported, single_rank):
         plain.load_state_dict(model.audio.state_dict())
         zeros, _ = plain(wave[None], lengths)
     n = min(padded.shape[1], zeros.shape[1])
-    assert (padded[0, :n] - zeros[0, :n]).abs().max() > 1e-3
+    assert (padded[0, :n] - zeros[0, :n]).abs().amax(-1).min() > 1e-3  # every frame moves
 
 
 def test_export_is_bitwise_and_loads_in_transformers(qwen2_audio, imported, tmp_path, single_rank):
