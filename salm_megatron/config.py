@@ -555,7 +555,7 @@ def _validate_experts(llm: LLMConfig, parallel: ParallelConfig) -> None:
 NORMALIZE_TYPES = (None, "per_feature")
 CONV_NORM_TYPES = ("batch_norm", "layer_norm")
 ENCODER_TYPES = ("fastconformer", "whisper")
-ADAPTER_TYPES = ("linear", "mlp", "conformer")
+ADAPTER_TYPES = ("linear", "mlp", "conformer", "pool_linear")
 
 
 def _fraction(name: str, value: float) -> None:
@@ -575,6 +575,11 @@ class FeatureConfig:
     log_zero_guard: float = 2**-24  # added to the mel energies before the log
     normalize: Optional[str] = "per_feature"  # per utterance and mel bin, over valid frames
     dither: float = 0.0  # std of Gaussian noise added in training only (NeMo trains with 1e-5)
+    # Whisper's front end only: features as Whisper's feature extractor gives them for audio
+    # padded with silence to 30 s (Qwen2-Audio's processor): ceil(samples / hop) frames, the
+    # dynamic range from every frame the audio reaches, and the encoder's convolutions seeing the
+    # log-mel of silence past each utterance instead of zeros. false: the utterance alone.
+    silence_padding: bool = False
 
     def __post_init__(self):
         for name in ("sample_rate", "n_mels", "n_fft"):
@@ -596,6 +601,10 @@ class FeatureConfig:
             _fraction("encoder.features.preemph", self.preemph)
         _choice("encoder.features.normalize", self.normalize, NORMALIZE_TYPES)
         _require(self.dither >= 0, f"encoder.features.dither={self.dither} must be >= 0")
+        _require(
+            isinstance(self.silence_padding, bool),
+            f"encoder.features.silence_padding={self.silence_padding!r} must be true or false",
+        )
 
     @property
     def win_length(self) -> int:
@@ -664,6 +673,9 @@ class EncoderConfig:
     # Activation recompute: the first N layers keep only their inputs in training and run again
     # in backward (audio/recompute.py). 0: off; num_layers: every layer.
     recompute_layers: int = 0
+    # whisper: the final LayerNorm; false leaves it out (Qwen2-Audio pools before it, so its
+    # ``pool_linear`` adapter holds that norm).
+    final_norm: bool = True
     features: FeatureConfig = field(default_factory=FeatureConfig)
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
 
@@ -711,8 +723,18 @@ class EncoderConfig:
             f"encoder.recompute_layers={self.recompute_layers!r} must be an integer from 0 (off) "
             f"to encoder.num_layers={self.num_layers} (every layer)",
         )
+        _require(
+            isinstance(self.final_norm, bool),
+            f"encoder.final_norm={self.final_norm!r} must be true or false",
+        )
         if self.type == "whisper":
             self._check_whisper()
+        else:
+            where = f"applies to encoder.type='whisper', not {self.type!r}"
+            _require(self.final_norm, f"encoder.final_norm=false {where}")
+            _require(
+                not self.features.silence_padding, f"encoder.features.silence_padding=true {where}"
+            )
 
     def _check_whisper(self) -> None:
         """Whisper's layout fixes what the FastConformer fields leave open."""
@@ -749,7 +771,7 @@ class EncoderConfig:
             d, f = self.d_model, self.d_model * self.ff_expansion_factor
             convolutions = self.features.n_mels * d * 3 + d + d * d * 3 + d
             layer = 4 * d * d + 3 * d + (d * f + f + f * d + d) + 2 * 2 * d  # k_proj: no bias
-            return convolutions + self.num_layers * layer + 2 * d
+            return convolutions + self.num_layers * layer + (2 * d if self.final_norm else 0)
         d, c, k = self.d_model, self.subsampling_conv_channels, self.conv_kernel_size
         f = d * self.ff_expansion_factor
         freq = self.features.n_mels
@@ -817,8 +839,10 @@ def encoder_preset(name: str, **overrides: Any) -> EncoderConfig:
 class AdapterConfig:
     """Modality adapter: encoder frames [b, t, d_in] to LLM embeddings [b, t', d_out]."""
 
-    type: str = "mlp"  # linear | mlp | conformer
-    stack: int = 1  # linear, mlp: k consecutive frames concatenated; divides the frame rate by k
+    type: str = "mlp"  # linear | mlp | conformer | pool_linear
+    # linear, mlp: k consecutive frames concatenated; pool_linear: k frames averaged (a last
+    # incomplete group dropped, as Qwen2-Audio's pooling does). Divides the frame rate by k.
+    stack: int = 1
     hidden_size: Optional[int] = None  # mlp: hidden width (null: d_out); conformer: width (d_in)
     num_layers: int = 2  # conformer layers
     num_heads: int = 8  # conformer attention heads

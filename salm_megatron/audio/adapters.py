@@ -1,12 +1,15 @@
 """Modality adapters: encoder frames ``[b, t, d_in]`` to LLM embeddings ``[b, t', d_out]``.
 
-All three first stack ``k`` consecutive frames (dividing the frame rate by ``k``: fewer audio
+The first three stack ``k`` consecutive frames (dividing the frame rate by ``k``: fewer audio
 positions in the LLM's sequence), then transform:
 
 - ``linear``: one projection;
 - ``mlp``: Linear - GELU - Linear;
 - ``conformer``: projection to the adapter width, conformer layers (the encoder's block), then a
   projection to ``d_out``; ``extra_subsampling`` stacks 2 frames first.
+
+``pool_linear`` averages ``k`` frames instead (a last incomplete group is dropped), then
+LayerNorm and a projection: Qwen2-Audio's pooling, its encoder's final norm and its projector.
 
 Frames beyond each length are zeroed before stacking, and outputs beyond the new lengths are zero,
 so an utterance gives the same valid outputs alone and in a padded batch.
@@ -128,8 +131,39 @@ class ConformerAdapter(StackingAdapter):
         return self.proj_out(x)
 
 
+class PoolLinearAdapter(nn.Module):
+    """``[b, t, d_in] -> [b, t // k, d_out]``: average pooling of ``k`` frames (AvgPool1d),
+    LayerNorm, Linear with bias (Qwen2-Audio's ``avg_pooler``, ``layer_norm`` and
+    ``multi_modal_projector``). Only whole groups of valid frames are kept, so padding never
+    enters an output frame."""
+
+    def __init__(self, d_in: int, d_out: int, pool: int):
+        super().__init__()
+        self.pool = pool
+        self.norm = nn.LayerNorm(d_in)
+        self.proj = nn.Linear(d_in, d_out)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return lengths // self.pool
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() != 3:
+            raise ValueError(
+                f"adapter input must be [batch, frames, features]; got {list(x.shape)}"
+            )
+        check_lengths("lengths", lengths, x.size(0), x.size(1))
+        b, t, d = x.shape
+        k = self.pool
+        x = x[:, : t - t % k].reshape(b, t // k, k, d).mean(dim=2)
+        lengths = self.output_lengths(lengths)
+        y = self.proj(self.norm(x))
+        return y.masked_fill(~valid_mask(lengths, y.size(1))[..., None], 0.0), lengths
+
+
 def adapter_output_lengths(cfg: AdapterConfig, lengths: torch.Tensor) -> torch.Tensor:
     """Output frames for ``lengths`` encoder frames (no weights needed)."""
+    if cfg.type == "pool_linear":
+        return lengths // cfg.stack
     return ceil_div(lengths, cfg.subsampling_factor)
 
 
@@ -141,8 +175,10 @@ def audio_embedding_lengths(
     return adapter_output_lengths(adapter, encoder_output_lengths(encoder, lengths))
 
 
-def build_adapter(cfg: AdapterConfig, d_in: int, d_out: int) -> StackingAdapter:
+def build_adapter(cfg: AdapterConfig, d_in: int, d_out: int) -> nn.Module:
     """The adapter ``cfg`` describes, from encoder width ``d_in`` to LLM hidden size ``d_out``."""
+    if cfg.type == "pool_linear":
+        return PoolLinearAdapter(d_in, d_out, cfg.stack)
     if cfg.type == "linear":
         return LinearAdapter(d_in, d_out, cfg.stack)
     if cfg.type == "mlp":

@@ -72,8 +72,12 @@ def slaney_mel_filterbank(
 def feature_lengths(cfg: FeatureConfig, lengths: torch.Tensor) -> torch.Tensor:
     """Valid frames for ``lengths`` samples: frames whose centre lies inside the audio.
 
-    (NeMo's ``get_seq_len``; the centred STFT pads ``n_fft // 2`` samples on each side.)
+    (NeMo's ``get_seq_len``; the centred STFT pads ``n_fft // 2`` samples on each side.) With
+    ``silence_padding`` a last frame whose hop is cut short counts too: ``ceil(samples / hop)``,
+    the frames Whisper's feature extractor marks valid in audio it padded to 30 s.
     """
+    if cfg.silence_padding:
+        return (lengths + cfg.hop_length - 1) // cfg.hop_length
     return (lengths + 2 * (cfg.n_fft // 2) - cfg.n_fft) // cfg.hop_length
 
 

@@ -8,6 +8,10 @@ Whisper was trained on 30 s windows padded with silence; here an utterance is en
 the positions are the first ``t'`` rows of the table, and in a padded batch every layer ignores
 the padding (convolutions see zeros beyond each length, attention masks padded keys), so each
 utterance gives the same output alone and in a batch. On a 30 s input both agree with Whisper's.
+
+``encoder.features.silence_padding`` reproduces instead what a model trained on the padded
+windows (Qwen2-Audio) sees of a shorter utterance: the features past it are the log-mel of
+silence, which the convolutions read at its end; attention still ignores them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from salm_megatron.config import EncoderConfig, FeatureConfig
 _POWER_FLOOR = 1e-10
 _DYNAMIC_RANGE = 8.0
 _OFFSET, _SCALE = 4.0, 4.0
+_WINDOW_SECONDS = 30  # Whisper's input window, which its feature extractor pads audio to
 # Masked attention scores: exp() of it underflows to 0 next to any real score.
 _MASKED_SCORE = -10000.0
 
@@ -43,6 +48,12 @@ class WhisperLogMel(MelFrontEnd):
     Whisper pads every input to 30 s with zeros, so an utterance is followed by zeros: the centring
     pads the start by reflection and the end with zeros, and the maximum is over the utterance's
     own frames (padded frames cannot exceed it). Frames beyond each length are 0.
+
+    With ``silence_padding`` the features are those of the utterance padded with silence to
+    Whisper's 30 s window, as its feature extractor computes them: ``ceil(samples / hop)``
+    valid frames, the maximum over every frame of the window, the window's end reflected, and
+    the frames past each length kept (those the audio's end reaches, then the log-mel of
+    silence), two more than the batch's longest: what the encoder's convolutions read there.
     """
 
     def __init__(self, cfg: FeatureConfig):
@@ -60,7 +71,15 @@ class WhisperLogMel(MelFrontEnd):
                 x = x + cfg.dither * torch.randn_like(x)
             x = x.masked_fill(~valid_mask(lengths, x.size(1)), 0.0)
             x = F.pad(x, (0, max(0, half + 1 - x.size(1))))  # room to reflect a short batch
-            x = torch.cat([x[:, 1 : half + 1].flip(-1), x, x.new_zeros(x.size(0), half)], dim=1)
+            tail = half
+            if cfg.silence_padding:  # every frame the audio reaches, two more, in the window
+                tail = cfg.n_fft + 3 * cfg.hop_length
+                window = _WINDOW_SECONDS * cfg.sample_rate
+                if x.size(1) <= window:  # zeros to its end, reflected past it (centred STFT)
+                    x = F.pad(x, (0, min(window - x.size(1), tail)))
+                if x.size(1) == window:
+                    x = torch.cat([x, x[:, -half - 1 : -1].flip(-1)], dim=1)
+            x = torch.cat([x[:, 1 : half + 1].flip(-1), x, x.new_zeros(x.size(0), tail)], dim=1)
             spectrum = torch.stft(
                 x,
                 n_fft=cfg.n_fft,
@@ -72,12 +91,23 @@ class WhisperLogMel(MelFrontEnd):
             )  # [b, n_fft // 2 + 1, frames]
             frames = feature_lengths(cfg, lengths)
             width = int(feature_lengths(cfg, torch.tensor(audio.size(1))))
-            power = torch.view_as_real(spectrum[..., :width]).pow(2).sum(-1)
+            if cfg.silence_padding:
+                width += 2  # what the encoder's convolutions read past the longest
+            else:
+                spectrum = spectrum[..., :width]
+            power = torch.view_as_real(spectrum).pow(2).sum(-1)
             log_mel = torch.log10(torch.clamp(self._filterbank @ power, min=_POWER_FLOOR))
             valid = valid_mask(frames, width)[:, None, :]  # [b, 1, t]
-            peak = log_mel.masked_fill(~valid, -math.inf).amax(dim=(1, 2), keepdim=True)
+            if cfg.silence_padding:  # frames the audio does not reach are silence, never above
+                window_frames = _WINDOW_SECONDS * cfg.sample_rate // cfg.hop_length
+                peak = log_mel[..., :window_frames].amax(dim=(1, 2), keepdim=True)
+                log_mel = log_mel[..., :width]
+            else:
+                peak = log_mel.masked_fill(~valid, -math.inf).amax(dim=(1, 2), keepdim=True)
             log_mel = torch.maximum(log_mel, peak - _DYNAMIC_RANGE)
             features = (log_mel + _OFFSET) / _SCALE
+            if cfg.silence_padding:  # past each utterance: the log-mel of its padding
+                return features, frames
             return features.masked_fill(~valid, 0.0), frames
 
 
@@ -142,6 +172,10 @@ class WhisperEncoder(nn.Module):
     ``t' = ceil(t / 2)``: the same interface as :class:`FastConformerEncoder`.
 
     Outputs beyond each length are 0. Inputs may be up to ``2 * max_source_positions`` frames.
+    With ``features.silence_padding`` the convolutions read the features past each length as
+    they come (the front end's silence; zeros only past ``2 * max_source_positions`` frames, as
+    at the end of Whisper's 30 s window); without, zeros. ``final_norm=false`` leaves out the
+    final LayerNorm (Qwen2-Audio's adapter pools first and holds it).
     """
 
     def __init__(self, cfg: EncoderConfig):
@@ -162,7 +196,7 @@ class WhisperEncoder(nn.Module):
             )
             for _ in range(cfg.num_layers)
         )
-        self.layer_norm = nn.LayerNorm(d)
+        self.layer_norm = nn.LayerNorm(d) if cfg.final_norm else None
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return conv_output_lengths(lengths, 1)
@@ -183,9 +217,12 @@ class WhisperEncoder(nn.Module):
                 f"{2 * limit * self.cfg.features.window_stride:g} s)"
             ),
         )
-        x = features.masked_fill(~valid_mask(lengths, features.size(2))[:, None], 0.0)
-        x = F.gelu(self.conv1(x))
-        x = x.masked_fill(~valid_mask(lengths, x.size(2))[:, None], 0.0)  # conv2 sees zeros
+        if self.cfg.features.silence_padding:
+            x = F.gelu(self.conv1(features[:, :, : 2 * limit]))
+        else:
+            x = features.masked_fill(~valid_mask(lengths, features.size(2))[:, None], 0.0)
+            x = F.gelu(self.conv1(x))
+            x = x.masked_fill(~valid_mask(lengths, x.size(2))[:, None], 0.0)  # conv2 sees zeros
         x = F.gelu(self.conv2(x)).transpose(1, 2)[:, :limit]  # [b, t', d]; beyond: padding
         t = x.size(1)
         x = self.dropout(x + self.embed_positions[:t].to(x.dtype))
@@ -193,7 +230,9 @@ class WhisperEncoder(nn.Module):
         bias = torch.zeros(valid.shape, dtype=x.dtype, device=x.device)
         bias = bias.masked_fill(~valid, _MASKED_SCORE)[:, None, None, :]  # [b, 1, 1, t]
         x = run_layers(self.layers, x, bias, recompute_layers=self.cfg.recompute_layers)
-        return self.layer_norm(x).masked_fill(~valid[..., None], 0.0), out_lengths
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return x.masked_fill(~valid[..., None], 0.0), out_lengths
 
 
 def hf_state_dict_to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

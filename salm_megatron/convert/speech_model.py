@@ -266,10 +266,6 @@ def read_speech_config(folder: Path, tokenizer_root: Path | None = None) -> tupl
 def import_speech_model(hf: str | Path, out: str | Path) -> Path:
     """Build, from the exported folder ``hf``, the checkpoint folder ``out`` (see the module
     docstring)."""
-    from ..inference import loading
-    from ..models import build_speech_llm
-    from ..training import checkpoint
-
     hf, out = Path(hf), Path(out)
     if not hf.is_dir():
         raise FileNotFoundError(f"exported model folder {hf} does not exist")
@@ -279,6 +275,24 @@ def import_speech_model(hf: str | Path, out: str | Path) -> Path:
     weights = SafetensorsFolder(hf)
     rules = [rule for group in conversion_rules(cfg.llm) for rule in group]
     check_hf_tensors(weights.names_and_shapes(), rules, cfg.llm, hf)
+    return write_imported(hf, out, cfg, weights, rules, speech, [name] if name != "." else [])
+
+
+def write_imported(
+    hf: Path,
+    out: Path,
+    cfg: Config,
+    weights: SafetensorsFolder,
+    rules: list,
+    speech: dict[str, torch.Tensor],
+    files: list[str] = (),
+) -> Path:
+    """The checkpoint folder ``out`` of the model ``cfg`` describes: its LLM from ``weights``
+    by ``rules``, every other tensor from ``speech``; the tokenizer files of ``hf`` and its
+    ``files`` copied beside."""
+    from ..inference import loading
+    from ..models import build_speech_llm
+    from ..training import checkpoint
 
     with atomic_folder(out) as tmp, single_process():
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=tmp))
@@ -295,7 +309,7 @@ def import_speech_model(hf: str | Path, out: str | Path) -> Path:
             os.replace(entry, tmp / entry.name)
         shutil.rmtree(scratch)
         copy_tokenizer(hf, tmp)
-        if name != ".":
+        for name in files:
             shutil.copy2(hf / name, tmp / name)
         header = f"# Imported from {hf} by `salm import`; its weights are this folder.\n"
         (tmp / IMPORTED_CONFIG).write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -373,6 +387,7 @@ EXPORT_EXAMPLE = """example:
 
 writes the LLM as a Hugging Face folder (config.json, model.safetensors, tokenizer; LoRA merged)
 plus speech.safetensors (encoder, adapter, BESTOW block, CTC head) and speech_config.json.
+  salm export --format qwen2-audio runs/q2a --out hf/q2a   # Qwen2AudioForConditionalGeneration
 """
 
 IMPORT_EXAMPLE = """example:
@@ -382,7 +397,9 @@ IMPORT_EXAMPLE = """example:
 
 writes a checkpoint folder with the whole model's weights (any TP/PP loads it), its config.yaml
 and the tokenizer.
+  salm import --format qwen2-audio Qwen2-Audio-7B-Instruct --out ckpt/q2a   # a hub folder
 """
+FORMATS = ("salm", "qwen2-audio")  # salm: this module's folder; qwen2-audio: convert/qwen2_audio
 
 
 def export_main(argv: list[str]) -> int:
@@ -392,13 +409,18 @@ def export_main(argv: list[str]) -> int:
         "+ speech_config.json + tokenizer.",
         EXPORT_EXAMPLE,
     )
-    parser.add_argument(
-        "--checkpoint", required=True, help="a run folder, its checkpoints/, or one step_N folder"
-    )
+    parser.add_argument("source", nargs="?", metavar="CHECKPOINT", help="as --checkpoint")
+    parser.add_argument("--checkpoint", help="a run folder, its checkpoints/, or one step_N folder")
     parser.add_argument("--out", required=True, help="new output folder")
     parser.add_argument("--tokenizer", help="instead of the checkpoint's data.tokenizer")
+    _format_argument(parser)
     args = parser.parse_args(argv)
-    return _run(parser.prog, lambda: export_speech_model(args.checkpoint, args.out, args.tokenizer))
+    checkpoint = _one_source(parser, args.source, args.checkpoint, "--checkpoint")
+    if args.format == "qwen2-audio":
+        from .qwen2_audio import export_qwen2_audio as export
+    else:
+        export = export_speech_model
+    return _run(parser.prog, lambda: export(checkpoint, args.out, args.tokenizer))
 
 
 def import_main(argv: list[str]) -> int:
@@ -408,10 +430,33 @@ def import_main(argv: list[str]) -> int:
         "checkpoint.pretrained_model.",
         IMPORT_EXAMPLE,
     )
-    parser.add_argument("--hf", required=True, help="folder written by `salm export`")
+    parser.add_argument("source", nargs="?", metavar="DIR", help="as --hf")
+    parser.add_argument("--hf", help="folder written by `salm export` (or a Qwen2-Audio folder)")
     parser.add_argument("--out", required=True, help="new output folder")
+    _format_argument(parser)
     args = parser.parse_args(argv)
-    return _run(parser.prog, lambda: import_speech_model(args.hf, args.out))
+    folder = _one_source(parser, args.source, args.hf, "--hf")
+    if args.format == "qwen2-audio":
+        from .qwen2_audio import import_qwen2_audio as convert
+    else:
+        convert = import_speech_model
+    return _run(parser.prog, lambda: convert(folder, args.out))
+
+
+def _format_argument(parser) -> None:
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="salm",
+        help="salm (default): our folder (speech.safetensors + speech_config.json); qwen2-audio: "
+        "Hugging Face's Qwen2AudioForConditionalGeneration",
+    )
+
+
+def _one_source(parser, positional: str | None, flag: str | None, name: str) -> str:
+    if (positional is None) == (flag is None):
+        parser.error(f"give the input folder once: as {name} or as the positional argument")
+    return positional or flag
 
 
 __all__ = [
@@ -421,4 +466,5 @@ __all__ = [
     "import_main",
     "import_speech_model",
     "read_speech_config",
+    "write_imported",
 ]

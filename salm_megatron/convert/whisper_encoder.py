@@ -45,6 +45,20 @@ def encoder_config_from_hf(folder: Path) -> EncoderConfig:
     hf = _read_json(path)
     if hf.get("model_type") != "whisper":
         raise ConfigError(f"{path}: model_type={hf.get('model_type')!r} is not 'whisper'")
+    extractor_path = folder / "preprocessor_config.json"
+    extractor = _read_json(extractor_path) if extractor_path.is_file() else None
+    return whisper_encoder_config(hf, path, extractor, extractor_path)
+
+
+def whisper_encoder_config(
+    hf: dict[str, Any],
+    path: Path,
+    extractor: dict[str, Any] | None = None,
+    extractor_path: Path | None = None,
+    **overrides: Any,
+) -> EncoderConfig:
+    """Our encoder config from a Whisper encoder's config (``path``'s, or the ``audio_config``
+    in it) and its feature extractor's (``preprocessor_config.json``), with ``overrides``."""
 
     def need(key: str, default: Any, ok, supported: str) -> Any:
         value = hf.get(key, default)
@@ -69,9 +83,7 @@ def encoder_config_from_hf(folder: Path) -> EncoderConfig:
         preemph=None,
         normalize=None,
     )
-    extractor_path = folder / "preprocessor_config.json"
-    if extractor_path.is_file():
-        extractor = _read_json(extractor_path)
+    if extractor is not None:
         if extractor.get("feature_size", n_mels) != n_mels:
             raise ConfigError(
                 f"{extractor_path}: feature_size={extractor['feature_size']} differs from "
@@ -100,6 +112,8 @@ def encoder_config_from_hf(folder: Path) -> EncoderConfig:
         max_source_positions=hf.get("max_source_positions", 1500),
         features=features,
     )
+    for key, value in overrides.items():
+        encoder[key] = dict(encoder[key], **value) if isinstance(value, dict) else value
     try:
         return encoder_from_dict(encoder)
     except ConfigError as err:

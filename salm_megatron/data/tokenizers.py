@@ -3,7 +3,7 @@
 Besides text <-> ids, prompts need BOS/EOS, named special tokens (chat headers) and the audio
 placeholder id. One rule places the placeholder, the same for training, decoding and conversion:
 
-1. the tokenizer's own ``<|audio|>`` token, if it has one;
+1. the tokenizer's own ``<|audio|>`` token, if it has one (else Qwen2-Audio's ``<|AUDIO|>``);
 2. else its last reserved token (Llama 3's ``<|reserved_special_token_N|>``, Mistral v0.3's
    ``[control_N]``), whose embedding row the pretrained LLM never learned from;
 3. else the first id after its vocabulary: a padded embedding row, or one ``salm convert
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 AUDIO_TOKEN = "<|audio|>"
+QWEN2_AUDIO_TOKEN = "<|AUDIO|>"  # Qwen2-Audio's placeholder, taken when there is no <|audio|>
 # Tokens a tokenizer keeps unused for later (Llama 3, Mistral v0.3, Gemma).
 RESERVED_TOKEN = re.compile(r"<\|reserved_special_token_\d+\|>|\[control_\d+\]|<unused\d+>")
 
@@ -123,6 +124,9 @@ class Tokenizer:
     def _set_audio_token(self, audio_token: str) -> None:
         """The placeholder by the rule in this module's docstring."""
         own = self.token_id(audio_token)
+        if own is None and audio_token == AUDIO_TOKEN:
+            own = self.token_id(QWEN2_AUDIO_TOKEN)
+            audio_token = QWEN2_AUDIO_TOKEN if own is not None else audio_token
         taken = {self.bos_id, self.eos_id, self.pad_id}
         reserved = [(i, name) for i, name in self._reserved_tokens() if i not in taken]
         if own is not None:
