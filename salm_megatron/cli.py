@@ -130,8 +130,14 @@ COMMANDS = {
     ),
     "shards": (_shards_command, "NeMo-style JSONL manifests -> webdataset shards + index.json"),
     "convert": (_convert_command, "checkpoints from/to Hugging Face and NeMo (see its --help)"),
-    "export": (_export_command, "a speech model's checkpoint -> HF LLM + speech.safetensors"),
-    "import": (_import_command, "`salm export` output -> checkpoint for eval/transcribe/train"),
+    "export": (
+        _export_command,
+        "a speech model's checkpoint -> HF LLM + speech.safetensors, or a Qwen2-Audio folder",
+    ),
+    "import": (
+        _import_command,
+        "`salm export` output or a Qwen2-Audio folder -> checkpoint for eval/transcribe/train",
+    ),
 }
 
 
