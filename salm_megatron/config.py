@@ -246,6 +246,15 @@ class LLMConfig:
         )
 
 
+# What every Qwen3 shares: per-head query/key norms, heads of 128, its vocabulary and rope base.
+_QWEN3 = dict(
+    kv_channels=128,
+    qk_layernorm=True,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    rotary_base=1000000.0,
+    norm_epsilon=1e-6,
+)
 LLM_PRESETS: dict[str, dict[str, Any]] = {
     # Test size: GQA, two query groups so TP=2 splits them.
     "tiny": dict(),
@@ -293,19 +302,13 @@ LLM_PRESETS: dict[str, dict[str, Any]] = {
         norm_epsilon=1e-6,
         qkv_bias=True,
     ),
-    # Qwen3: per-head query/key RMSNorm, head width 128 whatever the hidden size.
     "qwen3-1.7b": dict(
         num_layers=28,
         hidden_size=2048,
         ffn_hidden_size=6144,
         num_attention_heads=16,
         num_query_groups=8,
-        kv_channels=128,
-        qk_layernorm=True,
-        vocab_size=151936,
-        max_position_embeddings=40960,
-        rotary_base=1000000.0,
-        norm_epsilon=1e-6,
+        **_QWEN3,
         tie_embeddings=True,
     ),
     "qwen3-8b": dict(
@@ -314,12 +317,7 @@ LLM_PRESETS: dict[str, dict[str, Any]] = {
         ffn_hidden_size=12288,
         num_attention_heads=32,
         num_query_groups=8,
-        kv_channels=128,
-        qk_layernorm=True,
-        vocab_size=151936,
-        max_position_embeddings=40960,
-        rotary_base=1000000.0,
-        norm_epsilon=1e-6,
+        **_QWEN3,
     ),
     # 128 experts of FFN 768 in every layer, 8 per token (3.3B of 30.5B parameters active).
     "qwen3-30b-a3b": dict(
@@ -328,12 +326,7 @@ LLM_PRESETS: dict[str, dict[str, Any]] = {
         ffn_hidden_size=6144,
         num_attention_heads=32,
         num_query_groups=4,
-        kv_channels=128,
-        qk_layernorm=True,
-        vocab_size=151936,
-        max_position_embeddings=40960,
-        rotary_base=1000000.0,
-        norm_epsilon=1e-6,
+        **_QWEN3,
         num_moe_experts=128,
         moe_router_topk=8,
         moe_ffn_hidden_size=768,
